@@ -1,0 +1,148 @@
+"""Fit the coarse detector's confidence model (backend/coarse/confidence.py) on labelled faces.
+
+    python scripts/calibrate_confidence.py --csv CSV --root DIR [--limit N] [--workers 2]
+
+Runs the default coarse detector on every row, records each eye's cues and its error, fits a
+logistic model of "pupil within 0.05 eye distances" on half of the people (split by person so
+the same face never sits on both sides), and reports on the other half how well the face
+confidence ranks face errors. Prints the coefficients to paste into confidence.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.coarse import CoarseDetector  # noqa: E402
+from backend.coarse.confidence import FEATURE_NAMES, pupil_confidence  # noqa: E402
+from backend.evaluation import (  # noqa: E402
+    TruthRow,
+    confidence_spearman,
+    low_confidence_failure_share,
+    read_truth_csv,
+)
+from backend.images import ImageError, load_image  # noqa: E402
+
+_DETECTOR: CoarseDetector | None = None
+_ROOT = Path(".")
+
+
+def _init(root: str) -> None:
+    global _DETECTOR, _ROOT
+    _DETECTOR, _ROOT = CoarseDetector(), Path(root)
+
+
+def _row(row: TruthRow) -> list[tuple[np.ndarray, float, float]] | None:
+    """[(cue vector, eye error / eye distance, face error)] for the image-left and -right eye."""
+    assert _DETECTOR is not None
+    try:
+        image = load_image(_ROOT / row.file)
+    except ImageError:
+        return None
+    mid = 0.5 * (row.left + row.right)
+    distance = float(np.linalg.norm(row.left - row.right))
+    best = None
+    for keypoints, cues in _DETECTOR.analyse(image.grey):
+        x0, y0, x1, y1 = keypoints.box
+        if not (x0 <= mid[0] <= x1 and y0 <= mid[1] <= y1):
+            continue
+        errs = (
+            np.linalg.norm(keypoints.image_left_pupil - row.left) / distance,
+            np.linalg.norm(keypoints.image_right_pupil - row.right) / distance,
+        )
+        # cues[0] belongs to the subject's left eye = the image's right
+        candidate = [(cues[1].vector(), errs[0]), (cues[0].vector(), errs[1])]
+        if best is None or max(errs) < best[1]:
+            best = (candidate, max(errs))
+    if best is None:
+        return None
+    return [(v, e, best[1]) for v, e in best[0]]
+
+
+def person(file: str) -> str:
+    """LFW names end in _NNNN; other files are their own person."""
+    stem = Path(file).stem
+    head, _, tail = stem.rpartition("_")
+    return head if tail.isdigit() and head else stem
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Maximum-likelihood logistic regression with a small ridge (not on the intercept)."""
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = x @ w
+        p = 1.0 / (1.0 + np.exp(-z))
+        nll = np.logaddexp(0.0, z) - y * z
+        reg = l2 * np.sum(w[1:] ** 2)
+        grad = x.T @ (p - y) / len(y) + 2 * l2 * np.r_[0.0, w[1:]]
+        return float(nll.mean() + reg), grad
+
+    return minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", required=True, type=Path)
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    rows = read_truth_csv(args.csv)
+    if args.limit:
+        rng = np.random.default_rng(0)
+        rows = [rows[i] for i in sorted(rng.permutation(len(rows))[: args.limit])]
+    with get_context("spawn").Pool(args.workers, _init, (str(args.root),)) as pool:
+        results = list(tqdm(pool.imap(_row, rows, chunksize=16), total=len(rows), desc="faces"))
+
+    fit_x, fit_y, check = [], [], []
+    for row, res in zip(rows, results, strict=True):
+        if res is None:
+            continue
+        half = int(hashlib.sha1(person(row.file).encode()).hexdigest(), 16) % 2
+        if half == 0:
+            for vector, eye_err, _ in res:
+                fit_x.append(vector)
+                fit_y.append(float(eye_err <= 0.05))
+        else:
+            check.append(res)
+    coefficients = fit_logistic(np.array(fit_x), np.array(fit_y))
+
+    def face_conf(res: list, w: np.ndarray) -> float:
+        p = [1.0 / (1.0 + np.exp(-(v @ w))) for v, _, _ in res]
+        return float(p[0] * p[1])
+
+    errors = np.array([res[0][2] for res in check])
+    report = {"fit_eyes": len(fit_y), "check_faces": len(check)}
+    for name, w in (("fitted", coefficients), ("current", None)):
+        if w is None:
+            from backend.coarse.confidence import COEFFICIENTS as w  # noqa: N811
+        conf = np.array([face_conf(res, w) for res in check])
+        report[name] = {
+            "spearman": confidence_spearman(conf, errors),
+            "worst_20pct_failure_share": low_confidence_failure_share(conf, errors),
+            "mean_confidence": float(conf.mean()),
+            "e05_rate": float(np.mean(errors <= 0.05)),
+        }
+    report["coefficients"] = dict(
+        zip(FEATURE_NAMES, np.round(coefficients, 4).tolist(), strict=True)
+    )
+    print(json.dumps(report, indent=2))
+    print("COEFFICIENTS = np.array([" + ", ".join(f"{c:.4f}" for c in coefficients) + "])")
+    _ = pupil_confidence  # the model these coefficients feed
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
