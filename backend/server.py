@@ -1,0 +1,315 @@
+"""The HTTP server Label Studio calls: /health, /setup, /predict, /versions, /webhook.
+
+`create_app(settings)` builds the Flask app; `main()` (`python -m backend.server`) reads the
+settings from the environment, builds the detector once and serves with gunicorn, preloaded so
+every worker shares it. `gunicorn 'backend.server:create_app()'` works too (add `warm=True` to
+build the detector before the first request).
+
+Every answer is JSON, errors included ({"error": ..., "status": code}); a 500 never carries a
+traceback (it goes to the log). One log line per request (method, path, status, ms) and one per
+task (task id and what happened).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import BadRequest, HTTPException
+
+from backend.model import (
+    ConfigError,
+    PupilModel,
+    model_version,
+    shared_fetcher,
+    warm_up,
+)
+from backend.settings import Settings
+
+# Named explicitly: under `python -m backend.server` __name__ is "__main__".
+log = logging.getLogger("backend.server")
+access_log = logging.getLogger("backend.access")
+
+MODEL_CLASS = "PupilModel"
+# The project's config arrives with every /predict; this one is used when a caller omits it.
+DEFAULT_LABEL_CONFIG = Path(__file__).resolve().parent.parent / "label_config" / "pupils.xml"
+# A "Retrieve Predictions" batch carries every selected task with its annotations.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+GUNICORN_TIMEOUT_S = 120
+# predict() keyword names that request params must not override.
+_RESERVED_PARAMS = frozenset({"self", "tasks", "context", "project"})
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Send the `backend` loggers to stderr at `level` (idempotent)."""
+    logger = logging.getLogger("backend")
+    if not any(getattr(h, "_pupil_backend", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        handler._pupil_backend = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+@functools.cache
+def default_label_config() -> str | None:
+    """The bundled label_config/pupils.xml, or None when it is not shipped alongside."""
+    try:
+        return DEFAULT_LABEL_CONFIG.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def create_app(settings: Settings | None = None, *, warm: bool = False) -> Flask:
+    """The Flask app. `settings` defaults to Settings.from_env(); `warm` builds the detector
+    now rather than on the first prediction."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    version = model_version(settings.coarse_variant)
+    PupilModel(None, settings)  # checks COARSE_VARIANT now rather than on the first request
+    fetcher = shared_fetcher(settings)
+    _warn_about(settings)
+    if warm:
+        warm_up(settings.coarse_variant)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["PUPIL_SETTINGS"] = settings
+
+    def new_model(label_config: str | None) -> PupilModel:
+        return PupilModel(label_config, settings, fetcher=fetcher)
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        started = g.get("started")
+        ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+        extra = f" tasks={g.tasks}" if "tasks" in g else ""
+        access_log.info(
+            "method=%s path=%s status=%d ms=%.1f%s",
+            request.method,
+            request.path,
+            response.status_code,
+            ms,
+            extra,
+        )
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return {"status": "UP", "model_class": MODEL_CLASS}
+
+    @app.post("/setup")
+    def setup():
+        body = _json_object()
+        schema = body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            return _error(400, "'schema' (the project's label config) is required")
+        try:
+            model = new_model(schema)
+        except ConfigError as e:
+            log.warning("setup project=%s outcome=rejected reason=%s", body.get("project"), e)
+            return _error(400, str(e))
+        log.info(
+            "setup project=%s hostname=%s model_version=%s",
+            body.get("project"),
+            body.get("hostname"),
+            model.model_version,
+        )
+        return {"model_version": model.model_version}
+
+    @app.post("/predict")
+    def predict():
+        body = _json_object()
+        if "tasks" not in body:
+            return _error(400, "'tasks' (a list of Label Studio tasks) is required")
+        tasks = body["tasks"]
+        if not isinstance(tasks, list):
+            return _error(400, f"'tasks' must be a list, got {_json_type(tasks)}")
+        label_config = body.get("label_config")
+        if label_config is None:
+            label_config = default_label_config()
+            if label_config is None:
+                return _error(400, "'label_config' is required")
+        if not isinstance(label_config, str):
+            return _error(400, f"'label_config' must be a string, got {_json_type(label_config)}")
+        params = body.get("params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            return _error(400, f"'params' must be an object, got {_json_type(params)}")
+        g.tasks = len(tasks)
+        try:
+            model = new_model(label_config)
+        except ConfigError as e:
+            return _error(400, str(e))
+        kwargs = {k: v for k, v in params.items() if k.isidentifier() and k not in _RESERVED_PARAMS}
+        predictions = model.predict(
+            tasks, context=params.get("context"), project=body.get("project"), **kwargs
+        )
+        return {"results": predictions}
+
+    @app.get("/versions")
+    def versions():
+        return {"versions": [version]}
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_object()
+        action = body.get("action")
+        if not isinstance(action, str) or not action.strip():
+            return _error(400, "'action' (the event name) is required")
+        data = {k: v for k, v in body.items() if k != "action"}
+        result = new_model(None).fit(action, data)
+        return {**result, "event": action}
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        response = _error(error.code or 500, error.description or error.name)
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":  # keep Allow (405), drop the HTML type
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        log.exception("unhandled error method=%s path=%s", request.method, request.path)
+        return _error(500, "internal server error; the reason is in the server's log")
+
+    return app
+
+
+def _json_object() -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
+
+
+def _error(status: int, message: str) -> Response:
+    response = jsonify({"error": message, "status": status})
+    response.status_code = status
+    return response
+
+
+def _warn_about(settings: Settings) -> None:
+    root = settings.local_files_document_root
+    if root is not None and not Path(root).is_dir():
+        log.warning("LOCAL_FILES_DOCUMENT_ROOT=%s is not a directory", root)
+    if settings.label_studio_url and not settings.label_studio_api_key:
+        log.warning("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not: downloads will 401")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{_bind(host, port)}"
+
+
+def gunicorn_options(settings: Settings) -> dict:
+    """Gunicorn settings for `settings`: threaded workers, model preloaded in the master."""
+    url = _url(settings.host, settings.port)
+    everywhere = " (all interfaces)" if settings.host in ("0.0.0.0", "::") else ""
+
+    def when_ready(server) -> None:
+        log.info(
+            "ready: serving %s on %s%s workers=%d threads=%d model_version=%s",
+            MODEL_CLASS,
+            url,
+            everywhere,
+            settings.workers,
+            settings.threads,
+            model_version(settings.coarse_variant),
+        )
+
+    return {
+        "bind": _bind(settings.host, settings.port),
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        "timeout": GUNICORN_TIMEOUT_S,
+        "preload_app": True,
+        "accesslog": None,  # our own access line has the timing
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "proc_name": "pupil-backend",
+        "when_ready": when_ready,
+        # gunicorn >= 27 opens a control socket at a fixed per-user path; two servers on one
+        # machine would fight over it, and nothing here uses it.
+        "control_socket_disable": True,
+    }
+
+
+def serve(app: Flask, options: dict) -> None:
+    """Run `app` under gunicorn's arbiter with `options` (blocks until shut down)."""
+    from gunicorn.app.base import BaseApplication
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                if key in self.cfg.settings and value is not None:
+                    self.cfg.set(key.lower(), value)
+
+        def load(self) -> Flask:
+            return app
+
+    _Server().run()
+
+
+def main() -> None:
+    """`python -m backend.server`: settings from the environment, detector built, then serve."""
+    try:
+        settings = Settings.from_env()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    configure_logging(settings.log_level)
+    started = time.perf_counter()
+    try:
+        app = create_app(settings, warm=True)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    log.info(
+        "starting %s on %s (model ready in %.1f s)",
+        MODEL_CLASS,
+        _url(settings.host, settings.port),
+        time.perf_counter() - started,
+    )
+    serve(app, gunicorn_options(settings))
+
+
+if __name__ == "__main__":
+    main()

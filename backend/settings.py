@@ -1,0 +1,102 @@
+"""Server settings, read once from the environment when the process starts.
+
+Everything the server needs from the outside world arrives here, so the rest of the code takes a
+`Settings` and never looks at `os.environ`. Values are checked on the way in: a typo in a number
+or a log level stops the server at start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server is told by its environment (variable names in the comments)."""
+
+    port: int = 9090  # PORT
+    host: str = "0.0.0.0"  # HOST
+    model_dir: Path = Path("./models")  # MODEL_DIR: trained models and their state
+    label_studio_url: str | None = None  # LABEL_STUDIO_URL, e.g. http://label-studio:8080
+    label_studio_api_key: str | None = None  # LABEL_STUDIO_API_KEY (legacy token)
+    local_files_document_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
+    log_level: str = "INFO"  # LOG_LEVEL
+    coarse_variant: str = "fused"  # COARSE_VARIANT: pupil method of the coarse detector
+    workers: int = 1  # WORKERS: gunicorn worker processes
+    threads: int = 4  # THREADS: threads per worker
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Settings from `environ`; unset or blank variables take the defaults above.
+
+        Raises ValueError naming the variable for a value that cannot be used.
+        """
+
+        def text(name: str) -> str | None:
+            value = environ.get(name)
+            if value is None or not value.strip():
+                return None
+            return value.strip()
+
+        defaults = cls()
+        port = _int(environ, "PORT", defaults.port, minimum=1, maximum=65535)
+        root = text("LOCAL_FILES_DOCUMENT_ROOT")
+        return cls(
+            port=port,
+            host=text("HOST") or defaults.host,
+            model_dir=Path(text("MODEL_DIR") or defaults.model_dir),
+            label_studio_url=_url(text("LABEL_STUDIO_URL")),
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY"),
+            local_files_document_root=Path(root) if root else None,
+            log_level=_log_level(text("LOG_LEVEL") or defaults.log_level),
+            coarse_variant=text("COARSE_VARIANT") or defaults.coarse_variant,
+            workers=_int(environ, "WORKERS", defaults.workers, minimum=1),
+            threads=_int(environ, "THREADS", defaults.threads, minimum=1),
+        )
+
+
+def _int(
+    environ: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None
+) -> int:
+    """An integer variable in [minimum, maximum], or `default` when unset or blank."""
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be at least {minimum}{upper}, got {value}")
+    return value
+
+
+def _url(raw: str | None) -> str | None:
+    """LABEL_STUDIO_URL without a trailing slash; it must be an absolute http(s) URL."""
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"LABEL_STUDIO_URL must be an absolute http(s) URL such as "
+            f"http://label-studio:8080, got {raw!r}"
+        )
+    return raw.rstrip("/")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return level
