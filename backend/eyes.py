@@ -117,7 +117,10 @@ def crop_eye(
     a = scale * np.array([[cos, sin], [-sin, cos]])
     crop_centre = np.array([width / 2.0, height / 2.0])
     image_to_crop = np.hstack([a, (crop_centre - a @ centre)[:, None]])
-    region_to_image = np.array([[1.0 / pre_x, 0.0, x0], [0.0, 1.0 / pre_y, y0]])
+    # INTER_AREA puts shrunk pixel j at source coordinate (j + 0.5) / pre - 0.5.
+    region_to_image = np.array(
+        [[1.0 / pre_x, 0.0, x0 + 0.5 / pre_x - 0.5], [0.0, 1.0 / pre_y, y0 + 0.5 / pre_y - 0.5]]
+    )
     region_to_crop = _compose(image_to_crop, region_to_image)
     pixels = cv2.warpAffine(
         region.astype(np.float32),
@@ -139,14 +142,10 @@ def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def _padded_region(grey: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """grey[y0:y1, x0:x1] with replicated border where the box leaves the image."""
+    """grey[y0:y1, x0:x1] with the nearest edge pixel repeated where the box leaves the image."""
     h, w = grey.shape[:2]
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return np.zeros((max(y1 - y0, 1), max(x1 - x0, 1)), dtype=grey.dtype)
-    region = grey[cy0:cy1, cx0:cx1]
-    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-        region = cv2.copyMakeBorder(
-            region, cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1, borderType=cv2.BORDER_REPLICATE
-        )
-    return region
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return grey[y0:y1, x0:x1]
+    rows = np.clip(np.arange(y0, y1), 0, h - 1)
+    cols = np.clip(np.arange(x0, x1), 0, w - 1)
+    return grey[np.ix_(rows, cols)]

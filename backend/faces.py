@@ -1,10 +1,13 @@
 """Faces and their 68 landmarks, from dlib's HOG detector and shape predictor.
 
-Detection runs on a working copy of the image: shrunk when the image is large (HOG cost grows
-with pixels and faces in big photos are big), upsampled step by step when nothing is found
-(HOG's smallest face is ~80 px). Landmarks are fitted on the full-resolution image from a few
-boxes, each on the image and on its mirror, and averaged: the extra fits cancel part of the
-shape predictor's error and their spread measures it, at ~1 ms a fit.
+Detection runs on working copies of the image, coarse to fine, until a face is found: first
+shrunk so its longest side is 1280 px (HOG cost grows with pixels and faces in big photos are
+usually big), then doubled up to full resolution and, for small images, upsampled by dlib's
+pyramid (HOG's smallest face is ~80 px). A cap on scanned pixels bounds time and memory.
+
+Landmarks are fitted on the full-resolution image from a few boxes, each on the image and on
+its mirror, and averaged: the extra fits cancel part of the shape predictor's error and their
+spread measures it, at ~1 ms a fit.
 """
 
 from __future__ import annotations
@@ -38,14 +41,37 @@ MIRROR_68 = np.array(
 class DetectionSettings:
     """How hard to look for faces; the defaults were measured on MTFL (docs/benchmarks.md)."""
 
-    max_side: int = 1280  # longest side of the working copy that HOG scans
-    max_upsample: int = 2  # at most this many 2x pyramid-up steps when nothing is found
-    max_upsampled_pixels: int = 1_400_000  # ... and never beyond this many working pixels
+    max_side: int = 1280  # the first scan sees the image shrunk to this longest side
+    max_upsample: int = 2  # small images: at most this many 2x steps beyond full resolution
+    max_upsampled_pixels: int = 1_400_000  # ... and only while the upsampled copy is this small
+    max_scan_pixels: int = 25_000_000  # never scan a copy with more pixels than this
     fallback_threshold: float = -0.5  # HOG score accepted (with low confidence) as a last try
     # Landmarks are fitted on boxes of these relative sizes, each on the image and its mirror,
     # and averaged; the spread of the fits says how sure the fit is. More sizes gain ~0.5 pt of
     # e10 on MTFL for ~1.5 ms each (docs/benchmarks.md), so one is the default.
     landmark_box_scales: tuple[float, ...] = (1.0,)
+
+    def scan_scales(self, height: int, width: int) -> list[float]:
+        """Scales to scan, coarse to fine, until a face is found.
+
+        Start from a copy whose longest side is `max_side`, double until full resolution,
+        then upsample small images; stop before a copy would exceed `max_scan_pixels` (or
+        `max_upsampled_pixels` when upsampled: more false faces, little gain on MTFL).
+        """
+        first = min(1.0, self.max_side / max(height, width))
+        scales = []
+        s = first
+        while s < 0.75:
+            scales.append(s)
+            s *= 2
+        scales += [2.0**k for k in range(self.max_upsample + 1)]
+        pixels = height * width
+        fits = [
+            s
+            for s in scales
+            if pixels * s * s <= (self.max_upsampled_pixels if s > 1 else self.max_scan_pixels)
+        ]
+        return fits or [scales[0]]
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,8 @@ class Face:
     """A detected face: box (x0, y0, x1, y1) and (68, 2) landmarks in image pixels.
 
     `score` is dlib's HOG score (0 is its default threshold), `confidence` that score mapped
-    into [0, 1], `upsample` the pyramid step at which it was found. `spread` is the (68,)
+    into [0, 1], `scale` the scan scale at which it was found (2.0: upsampled 2x; 0.25: a
+    quarter-size copy). `spread` is the (68,)
     RMS distance of the individual landmark fits from their mean, in pixels.
     """
 
@@ -62,7 +89,7 @@ class Face:
     spread: np.ndarray
     score: float
     confidence: float
-    upsample: int
+    scale: float
 
 
 def score_to_confidence(score: float) -> float:
@@ -86,32 +113,34 @@ class FaceDetector:
         boxes = self.detect_boxes(grey)
         return [self._with_landmarks(grey, *b) for b in boxes]
 
-    def detect_boxes(self, grey: np.ndarray) -> list[tuple[np.ndarray, float, int]]:
-        """(box, score, upsample) for each face, boxes in full-image pixels."""
-        s = self.settings
+    def detect_boxes(self, grey: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
+        """(box, HOG score, scale scanned) per face, boxes in full-image pixels."""
         h, w = grey.shape[:2]
-        factor = min(1.0, s.max_side / max(h, w))
-        work = grey
-        if factor < 1.0:
-            size = (max(1, round(w * factor)), max(1, round(h * factor)))
-            work = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-        fallback: list[tuple[np.ndarray, float, int]] = []
-        for up in range(0, s.max_upsample + 1):
-            if up > 0 and work.size * 4**up > s.max_upsampled_pixels:
-                break
-            rects, scores, _ = self._hog.run(work, up, s.fallback_threshold)
+        fallback: tuple[np.ndarray, float, float] | None = None
+        for scale in self.settings.scan_scales(h, w):
+            if scale < 1.0:
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                work, upsample = cv2.resize(grey, size, interpolation=cv2.INTER_AREA), 0
+                sx, sy = size[0] / w, size[1] / h
+            else:  # dlib's own pyramid-up for 2x, 4x
+                work, upsample = grey, int(round(math.log2(scale)))
+                sx = sy = 1.0
+            rects, scores, _ = self._hog.run(work, upsample, self.settings.fallback_threshold)
             found = [
-                (np.array([r.left(), r.top(), r.right(), r.bottom()], float) / factor, sc, up)
+                (np.array([r.left(), r.top(), r.right(), r.bottom()]) / (sx, sy, sx, sy), sc, scale)
                 for r, sc in zip(rects, scores, strict=True)
             ]
             confident = [f for f in found if f[1] >= 0.0]
             if confident:
                 return confident
-            if found:
-                fallback = found
-        return fallback[:1] if fallback else []
+            for f in found:
+                if fallback is None or f[1] > fallback[1]:
+                    fallback = f
+        return [fallback] if fallback is not None else []
 
-    def _with_landmarks(self, grey: np.ndarray, box: np.ndarray, score: float, up: int) -> Face:
+    def _with_landmarks(
+        self, grey: np.ndarray, box: np.ndarray, score: float, scale: float
+    ) -> Face:
         # Fit on a region around the face only: mirroring a 12 MP photo per face is wasteful.
         centre = 0.5 * (box[:2] + box[2:])
         half = 0.5 * (box[2:] - box[:2])
@@ -124,8 +153,8 @@ class FaceDetector:
         w = region.shape[1]
         local = centre - (x0, y0)
         fits = []
-        for scale in self.settings.landmark_box_scales:
-            b = np.concatenate([local - scale * half, local + scale * half])
+        for box_scale in self.settings.landmark_box_scales:
+            b = np.concatenate([local - box_scale * half, local + box_scale * half])
             fits.append(self._fit(region, b))
             mirrored = self._fit(mirror, np.array([w - 1 - b[2], b[1], w - 1 - b[0], b[3]]))
             mirrored[:, 0] = w - 1 - mirrored[:, 0]
@@ -139,7 +168,7 @@ class FaceDetector:
             spread=spread,
             score=float(score),
             confidence=score_to_confidence(score),
-            upsample=up,
+            scale=scale,
         )
 
     def _fit(self, grey: np.ndarray, box: np.ndarray) -> np.ndarray:

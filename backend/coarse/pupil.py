@@ -179,7 +179,7 @@ def fused(crop: EyeCrop, params: FusionParams = FusionParams()) -> PupilEstimate
     """
     pixels = crop.pixels
     h, w = pixels.shape
-    eye_w = float(np.linalg.norm(crop.outline[3] - crop.outline[0]))
+    eye_w = max(float(np.linalg.norm(crop.outline[3] - crop.outline[0])), 1.0)
     inverted = 255.0 - pixels
     blob = cv2.GaussianBlur(inverted, (0, 0), params.iris_sigma * eye_w) - cv2.GaussianBlur(
         inverted, (0, 0), params.surround_sigma * eye_w
