@@ -5,9 +5,9 @@ shrunk so its longest side is 1280 px (HOG cost grows with pixels and faces in b
 usually big), then doubled up to full resolution and, for small images, upsampled by dlib's
 pyramid (HOG's smallest face is ~80 px). A cap on scanned pixels bounds time and memory.
 
-Landmarks are fitted on the full-resolution image from a few boxes, each on the image and on
-its mirror, and averaged: the extra fits cancel part of the shape predictor's error and their
-spread measures it, at ~1 ms a fit.
+Landmarks are fitted once, on the full-resolution image. A second fit on the mirrored image,
+averaged, gains ~1 pt of e05 on MTFL but costs ~2.3 ms, which the speed target (pipeline
+<= 1.3x dlib's detection alone) cannot afford (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,20 +22,6 @@ import numpy as np
 
 from backend.model_files import dlib_model_path
 
-# Where each of the 68 iBUG points goes when the face is mirrored left-right.
-MIRROR_68 = np.array(
-    list(range(16, -1, -1))  # jaw
-    + list(range(26, 16, -1))  # brows
-    + [27, 28, 29, 30]  # nose bridge
-    + [35, 34, 33, 32, 31]  # nostrils
-    + [45, 44, 43, 42, 47, 46]  # eye on the image's left <- right one
-    + [39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48]  # outer lips
-    + [59, 58, 57, 56, 55]
-    + [64, 63, 62, 61, 60]  # inner lips
-    + [67, 66, 65]
-)
-
 
 @dataclass(frozen=True)
 class DetectionSettings:
@@ -46,10 +32,6 @@ class DetectionSettings:
     max_upsampled_pixels: int = 1_400_000  # ... and only while the upsampled copy is this small
     max_scan_pixels: int = 25_000_000  # never scan a copy with more pixels than this
     fallback_threshold: float = -0.5  # HOG score accepted (with low confidence) as a last try
-    # Landmarks are fitted on boxes of these relative sizes, each on the image and its mirror,
-    # and averaged; the spread of the fits says how sure the fit is. More sizes gain ~0.5 pt of
-    # e10 on MTFL for ~1.5 ms each (docs/benchmarks.md), so one is the default.
-    landmark_box_scales: tuple[float, ...] = (1.0,)
 
     def scan_scales(self, height: int, width: int) -> list[float]:
         """Scales to scan, coarse to fine, until a face is found.
@@ -80,13 +62,11 @@ class Face:
 
     `score` is dlib's HOG score (0 is its default threshold), `confidence` that score mapped
     into [0, 1], `scale` the scan scale at which it was found (2.0: upsampled 2x; 0.25: a
-    quarter-size copy). `spread` is the (68,)
-    RMS distance of the individual landmark fits from their mean, in pixels.
+    quarter-size copy).
     """
 
     box: np.ndarray
     landmarks: np.ndarray
-    spread: np.ndarray
     score: float
     confidence: float
     scale: float
@@ -141,31 +121,9 @@ class FaceDetector:
     def _with_landmarks(
         self, grey: np.ndarray, box: np.ndarray, score: float, scale: float
     ) -> Face:
-        # Fit on a region around the face only: mirroring a 12 MP photo per face is wasteful.
-        centre = 0.5 * (box[:2] + box[2:])
-        half = 0.5 * (box[2:] - box[:2])
-        reach = half * max(self.settings.landmark_box_scales) * 1.5 + 2
-        x0, y0 = np.maximum(np.floor(centre - reach), 0).astype(int)
-        x1 = int(min(np.ceil(centre[0] + reach[0]), grey.shape[1]))
-        y1 = int(min(np.ceil(centre[1] + reach[1]), grey.shape[0]))
-        region = np.ascontiguousarray(grey[y0:y1, x0:x1])
-        mirror = np.ascontiguousarray(region[:, ::-1])
-        w = region.shape[1]
-        local = centre - (x0, y0)
-        fits = []
-        for box_scale in self.settings.landmark_box_scales:
-            b = np.concatenate([local - box_scale * half, local + box_scale * half])
-            fits.append(self._fit(region, b))
-            mirrored = self._fit(mirror, np.array([w - 1 - b[2], b[1], w - 1 - b[0], b[3]]))
-            mirrored[:, 0] = w - 1 - mirrored[:, 0]
-            fits.append(mirrored[MIRROR_68])
-        stack = np.stack(fits)
-        landmarks = stack.mean(axis=0)
-        spread = np.sqrt(((stack - landmarks) ** 2).sum(axis=2).mean(axis=0))
         return Face(
             box=box,
-            landmarks=landmarks + (x0, y0),
-            spread=spread,
+            landmarks=self._fit(grey, box),
             score=float(score),
             confidence=score_to_confidence(score),
             scale=scale,

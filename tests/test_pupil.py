@@ -218,7 +218,6 @@ TYPICAL = EyeCues(
     evidence=3.0,
     offset=0.05,
     openness=0.3,
-    spread=0.03,
     eye_width_px=20.0,
     face_score=1.0,
     asymmetry=0.05,
@@ -234,9 +233,9 @@ def test_confidence_rises_with_evidence():
     assert values[-1] <= beyond <= 1.0
 
 
-def test_confidence_falls_with_spread():
+def test_confidence_falls_as_the_head_turns():
     values = [
-        pupil_confidence(dataclasses.replace(TYPICAL, spread=s)) for s in np.linspace(0, 0.5, 6)
+        pupil_confidence(dataclasses.replace(TYPICAL, asymmetry=a)) for a in np.linspace(0, 2, 6)
     ]
     assert np.all(np.diff(values) < 0)
 

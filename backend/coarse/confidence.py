@@ -2,10 +2,10 @@
 
 A logistic model over cues every detection has: how strongly the image shows a dark blob
 where we put the pupil, how far that is from where the landmarks alone would put it, how open
-the eye is, how much the mirrored landmark fits disagree, how big the eye is, how sure the face
-detector was, and how turned the head is. The coefficients were fitted on half of MTFL and
-checked on the other half by `scripts/calibrate_confidence.py` (docs/benchmarks.md); rerun it
-to refit after changing the detector.
+the eye is, how big the eye is, how sure the face detector was, and how turned the head is.
+The coefficients were fitted on half of MTFL and checked on the other half by
+`scripts/calibrate_confidence.py` (docs/benchmarks.md); rerun it to refit after changing the
+detector.
 """
 
 from __future__ import annotations
@@ -23,21 +23,19 @@ class EyeCues:
     evidence: float  # z-scored dark-blob response at the pupil (0 where the method has none)
     offset: float  # distance from the outline centre, in eye widths
     openness: float  # eye aspect ratio: lid-to-lid height over corner-to-corner width
-    spread: float  # RMS disagreement of the landmark fits on this eye, in eye widths
     eye_width_px: float  # corner-to-corner width in the image
     face_score: float  # dlib HOG score of the face
     asymmetry: float  # |log(this eye's width / the other eye's)|: head turn
 
     def vector(self) -> np.ndarray:
         """Feature vector (with intercept) in FEATURE_NAMES order, clipped to sane ranges."""
-        e, o, op, sp, w, fs, asym = astuple(self)
+        e, o, op, w, fs, asym = astuple(self)
         return np.array(
             [
                 1.0,
                 float(np.clip(e, -3.0, 6.0)),
                 float(np.clip(o, 0.0, 1.0)),
                 float(np.clip(op, 0.0, 1.0)),
-                float(np.clip(sp, 0.0, 0.5)),
                 math.log(max(w, 1.0)),
                 float(np.clip(fs, -1.0, 4.0)),
                 float(np.clip(asym, 0.0, 2.0)),
@@ -50,14 +48,13 @@ FEATURE_NAMES = (
     "evidence",
     "offset",
     "openness",
-    "spread",
     "log_eye_width",
     "face_score",
     "asymmetry",
 )
 
 # Fitted by scripts/calibrate_confidence.py (see the module docstring).
-COEFFICIENTS = np.array([-4.0686, 0.8483, 0.1344, 0.4707, -0.4643, 1.2170, 0.3809, -1.7494])
+COEFFICIENTS = np.array([-3.9996, 0.8308, 0.1649, 0.4907, 1.1970, 0.3306, -1.7486])
 
 
 def pupil_confidence(cues: EyeCues, coefficients: np.ndarray = COEFFICIENTS) -> float:

@@ -32,8 +32,6 @@ DEFAULT_VARIANT = "fused"
 
 # KEYPOINT_NAMES order: left_pupil is the subject's left eye (landmarks 42-47), then right.
 _EYES = (SUBJECT_LEFT_EYE, SUBJECT_RIGHT_EYE)
-# A corner's confidence halves when its landmark fits disagree by this many eye widths.
-_CORNER_SPREAD_HALF = 0.05
 
 
 class CoarseDetector:
@@ -84,18 +82,16 @@ class CoarseDetector:
                     / max(np.linalg.norm(crop.outline[3] - crop.outline[0]), 1e-6)
                 ),
                 openness=eye_openness(outline),
-                spread=float(face.spread[eye].mean() / widths[row]),
                 eye_width_px=widths[row],
                 face_score=face.score,
                 asymmetry=abs(math.log(widths[row] / widths[1 - row])),
             )
             cues.append(eye_cues)
             confidences[row] = pupil_confidence(eye_cues)
-        corners = list(CORNER_LANDMARKS)
-        points[2:] = face.landmarks[corners]
-        corner_widths = np.array([widths[0], widths[0], widths[1], widths[1]])
-        relative_spread = face.spread[corners] / corner_widths
-        confidences[2:] = face.confidence * 0.5 ** (relative_spread / _CORNER_SPREAD_HALF)
+        points[2:] = face.landmarks[list(CORNER_LANDMARKS)]
+        # Corners are plain landmarks: as sure as the face they belong to (no labels to
+        # calibrate them against yet).
+        confidences[2:] = face.confidence
         keypoints = FaceKeypoints(
             box=face.box,
             points=points,
