@@ -29,7 +29,9 @@ from backend.coarse.confidence import FEATURE_NAMES, pupil_confidence  # noqa: E
 from backend.evaluation import (  # noqa: E402
     TruthRow,
     confidence_spearman,
+    face_error,
     low_confidence_failure_share,
+    match_face,
     read_truth_csv,
 )
 from backend.images import ImageError, load_image  # noqa: E402
@@ -50,24 +52,21 @@ def _row(row: TruthRow) -> list[tuple[np.ndarray, float, float]] | None:
         image = load_image(_ROOT / row.file)
     except ImageError:
         return None
-    mid = 0.5 * (row.left + row.right)
-    distance = float(np.linalg.norm(row.left - row.right))
-    best = None
-    for keypoints, cues in _DETECTOR.analyse(image.grey):
-        x0, y0, x1, y1 = keypoints.box
-        if not (x0 <= mid[0] <= x1 and y0 <= mid[1] <= y1):
-            continue
-        errs = (
-            np.linalg.norm(keypoints.image_left_pupil - row.left) / distance,
-            np.linalg.norm(keypoints.image_right_pupil - row.right) / distance,
-        )
-        # cues[0] belongs to the subject's left eye = the image's right
-        candidate = [(cues[1].vector(), errs[0]), (cues[0].vector(), errs[1])]
-        if best is None or max(errs) < best[1]:
-            best = (candidate, max(errs))
-    if best is None:
+    analysed = _DETECTOR.analyse(image.grey)
+    face = match_face([keypoints for keypoints, _ in analysed], row)
+    if face is None:
         return None
-    return [(v, e, best[1]) for v, e in best[0]]
+    cues = next(c for keypoints, c in analysed if keypoints is face)
+    distance = float(np.linalg.norm(row.left - row.right))
+    errors = (
+        float(np.linalg.norm(face.image_left_pupil - row.left)) / distance,
+        float(np.linalg.norm(face.image_right_pupil - row.right)) / distance,
+    )
+    # cues[0] belongs to the subject's left eye = the image's right
+    return [
+        (cues[1].vector(), errors[0], face_error(face, row)),
+        (cues[0].vector(), errors[1], face_error(face, row)),
+    ]
 
 
 def person(file: str) -> str:
