@@ -27,8 +27,9 @@ USER app
 VOLUME ["/data/models"]
 EXPOSE 9090
 
-HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"9090\")}/health', timeout=2)"]
+# Uses PORT and, when set, BASIC_AUTH_USER/BASIC_AUTH_PASS (every route needs them then).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-m", "backend.healthcheck"]
 
 # gunicorn, configured from the environment (PORT, WORKERS, THREADS): see README.
 CMD ["python", "-m", "backend.server"]

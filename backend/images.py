@@ -58,6 +58,10 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is meant for the user (per task)."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the byte or pixel limit (refused before decoding)."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Ceilings checked before any decoding, so one hostile upload cannot exhaust a worker."""
@@ -143,7 +147,7 @@ def _read_file(path: str | bytes, limits: ImageLimits) -> bytes:
 def _check_bytes(size: int, limits: ImageLimits) -> None:
     """Refuse files over the byte limit; the message names both numbers."""
     if size > limits.max_bytes:
-        raise ImageError(f"file is too large: {size:,} bytes (limit {limits.max_bytes:,} bytes)")
+        raise ImageTooLarge(f"file is too large: {size:,} bytes (limit {limits.max_bytes:,} bytes)")
 
 
 def _reject_non_raster(data: bytes) -> None:
@@ -181,7 +185,7 @@ def _decode(data: bytes, limits: ImageLimits) -> tuple[np.ndarray, str, int]:
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(_bomb_message(str(e), limits)) from None
+        raise ImageTooLarge(_bomb_message(str(e), limits)) from None
     except Image.UnidentifiedImageError:
         claimed = _claimed_format(data)
         if claimed:
@@ -205,7 +209,7 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"image is too large: {width}x{height} = {width * height:,} pixels "
             f"(limit {limits.max_pixels:,} pixels)"
         )

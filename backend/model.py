@@ -11,9 +11,10 @@ label (or a plain `<Rectangle>` whose name mentions "face") on the same image re
 boxes. Anything else in the config (choices, text areas, ...) is left to the annotator.
 
 Images are read where Label Studio says they are (the task data field the `<Image>` tag's
-`value` names): `/data/local-files/?d=REL` from LOCAL_FILES_DOCUMENT_ROOT, other root-relative
-paths (`/data/upload/...`) and absolute http(s) URLs on LABEL_STUDIO_URL's host downloaded
-from Label Studio with the API key. Anything else fails that one task with a clear reason.
+`value` names) by `backend.image_source.ImageSource`. A task that cannot be predicted gets an
+empty prediction, one log line `task=<id> outcome=failed reason=<class> detail=...` and a count
+in the failure metric under that reason (backend/metrics.py FAILURE_REASONS); the rest of the
+batch goes on.
 """
 
 from __future__ import annotations
@@ -25,17 +26,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import parse_qs, urljoin, urlsplit
 
 import numpy as np
-import requests
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend import results
 from backend.coarse import VARIANTS, CoarseDetector
-from backend.images import ImageError, ImageLimits, LoadedImage, load_image
+from backend.image_source import IMAGE_TOO_LARGE, ImageSource, ImageSourceError
+from backend.images import ImageError, ImageTooLarge, load_image
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
+from backend.metrics import IMAGE_UNREADABLE, INTERNAL, NO_IMAGE_FIELD, Metrics
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,21 +43,16 @@ log = logging.getLogger(__name__)
 PACKAGE = "pupil-backend"
 TRAINING_REASON = "training arrives with the regressor"
 
-# (connect, read) seconds for one request to Label Studio; a download also has a total budget.
-DOWNLOAD_TIMEOUT = (5.0, 30.0)
-DOWNLOAD_DEADLINE_S = 60.0
-MAX_REDIRECTS = 3
-_CHUNK = 64 * 1024
-_LOCAL_FILES_PATH = "/data/local-files"
-_SHOWN_CHARS = 200
 
-
+# How load_image's own messages start when an image is over the byte or pixel limit.
 class ConfigError(ValueError):
     """The label config cannot be used by this backend; the message names what is missing."""
 
 
 class TaskError(ValueError):
-    """One task cannot be predicted (bad image reference, download refused, ...)."""
+    """One task is not a task this backend can read (not an object, no image field)."""
+
+    reason = NO_IMAGE_FIELD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,211 +230,10 @@ def _face_control(controls: Sequence, image_name: str) -> tuple[str | None, str 
 # Images
 
 
-class ImageFetcher:
-    """Turns a task's image reference into a LoadedImage (see the module docstring)."""
-
-    def __init__(self, settings: Settings, limits: ImageLimits = ImageLimits()) -> None:
-        self.settings = settings
-        self.limits = limits
-        self._local = threading.local()  # one requests.Session per thread
-
-    # -- public
-
-    def load(self, ref: object) -> LoadedImage:
-        """The image `ref` points at; raises TaskError or ImageError with a reason."""
-        if not isinstance(ref, str) or not ref.strip():
-            raise TaskError(f"image reference must be a non-empty string, got {ref!r}")
-        ref = ref.strip()
-        parts = urlsplit(ref)
-        scheme = parts.scheme.lower()
-        if not scheme and not parts.netloc and ref.startswith("/"):
-            if self._is_local_files(parts.path):
-                if self.settings.local_files_document_root:
-                    return self._load_local(parts.query)
-                if not self.settings.label_studio_url:
-                    raise TaskError(
-                        f"cannot read local file {_shown(ref)!r}: LOCAL_FILES_DOCUMENT_ROOT is "
-                        "not set, and LABEL_STUDIO_URL is not set either to download it"
-                    )
-            return self._download(self._label_studio_url(ref), ref)
-        if scheme in ("http", "https"):
-            self._check_host(ref)
-            if self._is_local_files(parts.path) and self.settings.local_files_document_root:
-                return self._load_local(parts.query)
-            return self._download(ref, ref)
-        if not scheme and parts.netloc:
-            raise TaskError(f"scheme-relative image URL {_shown(ref)!r} is not supported")
-        if scheme:
-            raise TaskError(
-                f"unsupported image reference {_shown(ref)!r}: {scheme}:// is not supported "
-                "(use Label Studio uploads, /data/local-files/?d=..., or http(s) URLs on "
-                "LABEL_STUDIO_URL's host)"
-            )
-        raise TaskError(
-            f"unsupported image reference {_shown(ref)!r}: expected a path starting with / "
-            "(such as /data/upload/...) or an http(s) URL"
-        )
-
-    # -- local files
-
-    @staticmethod
-    def _is_local_files(path: str) -> bool:
-        return path.rstrip("/") == _LOCAL_FILES_PATH
-
-    def _load_local(self, query: str) -> LoadedImage:
-        relative = parse_qs(query, keep_blank_values=True).get("d", [""])[0]
-        if not relative:
-            raise TaskError("local-files URL has no ?d=<path> parameter")
-        configured = self.settings.local_files_document_root
-        if configured is None:
-            raise TaskError("LOCAL_FILES_DOCUMENT_ROOT is not set")
-        try:
-            root = Path(configured).resolve()
-            target = (root / relative).resolve()
-        except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
-            raise TaskError(f"invalid local file path {relative!r}: {e}") from None
-        if not target.is_relative_to(root):
-            raise TaskError(
-                f"local file path {relative!r} escapes LOCAL_FILES_DOCUMENT_ROOT "
-                "(after resolving '..' and symlinks); refused"
-            )
-        try:
-            return load_image(target, self.limits)
-        except ImageError as e:
-            # load_image names the absolute path; the relative one is what the user knows.
-            raise ImageError(str(e).replace(repr(str(target)), repr(relative))) from None
-
-    # -- downloads
-
-    def _label_studio_url(self, path: str) -> str:
-        base = self.settings.label_studio_url
-        if not base:
-            raise TaskError(
-                f"cannot download {_shown(path)!r}: LABEL_STUDIO_URL is not set (set it to the "
-                "address this backend can reach Label Studio at, and LABEL_STUDIO_API_KEY)"
-            )
-        return base.rstrip("/") + path
-
-    def _check_host(self, url: str) -> None:
-        base = self.settings.label_studio_url
-        target = urlsplit(url)
-        if not base:
-            raise TaskError(
-                f"image URL {_shown(url)!r} refused: absolute URLs are only fetched from "
-                "LABEL_STUDIO_URL's host, and LABEL_STUDIO_URL is not set"
-            )
-        allowed = urlsplit(base)
-        try:
-            same = (
-                target.scheme.lower() in ("http", "https")
-                and target.hostname == allowed.hostname
-                and _port(target) == _port(allowed)
-            )
-        except ValueError:  # a port that is not a number
-            same = False
-        if not same:
-            raise TaskError(
-                f"image URL {_shown(url)!r} refused: its host {target.netloc!r} is not "
-                f"LABEL_STUDIO_URL's host {allowed.netloc!r}"
-            )
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = f"{PACKAGE}/{package_version()}"
-            self._local.session = session
-        return session
-
-    def _download(self, url: str, ref: str) -> LoadedImage:
-        headers = {}
-        if self.settings.label_studio_api_key:
-            headers["Authorization"] = f"Token {self.settings.label_studio_api_key}"
-        deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
-        for _ in range(MAX_REDIRECTS + 1):
-            self._check_host(url)  # also every redirect: the key only ever goes to Label Studio
-            try:
-                response = self._session().get(
-                    url,
-                    headers=headers,
-                    timeout=DOWNLOAD_TIMEOUT,
-                    stream=True,
-                    allow_redirects=False,
-                )
-            except requests.Timeout:
-                raise TaskError(f"timed out downloading {_shown(ref)!r}") from None
-            except requests.RequestException as e:
-                raise TaskError(f"cannot download {_shown(ref)!r}: {_reason(e)}") from None
-            with response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers.get("Location", ""))
-                    continue
-                _check_status(response, ref)
-                data = self._read_body(response, ref, deadline)
-            return load_image(data, self.limits)
-        raise TaskError(f"too many redirects downloading {_shown(ref)!r}")
-
-    def _read_body(self, response: requests.Response, ref: str, deadline: float) -> bytes:
-        limit = self.limits.max_bytes
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ImageError(f"file is too large: {int(declared):,} bytes (limit {limit:,} bytes)")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            for chunk in response.iter_content(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise ImageError(f"file is too large: over the limit of {limit:,} bytes")
-                if time.monotonic() > deadline:
-                    raise TaskError(
-                        f"downloading {_shown(ref)!r} took over {DOWNLOAD_DEADLINE_S:.0f} s"
-                    )
-                chunks.append(chunk)
-        except requests.RequestException as e:
-            raise TaskError(f"download of {_shown(ref)!r} broke off: {_reason(e)}") from None
-        return b"".join(chunks)
-
-
 @functools.lru_cache(maxsize=8)
-def shared_fetcher(settings: Settings) -> ImageFetcher:
-    """One fetcher (and so one connection pool per thread) per settings, per process."""
-    return ImageFetcher(settings)
-
-
-def _check_status(response: requests.Response, ref: str) -> None:
-    status = response.status_code
-    if status in (401, 403):
-        raise TaskError(
-            f"Label Studio refused the download of {_shown(ref)!r} (HTTP {status}): check "
-            "LABEL_STUDIO_API_KEY (a legacy token; it needs legacy tokens enabled in the "
-            "organization's settings)"
-        )
-    if status == 404:
-        raise TaskError(f"image {_shown(ref)!r} not found on Label Studio (HTTP 404)")
-    if status >= 400 or status < 200:
-        raise TaskError(f"downloading {_shown(ref)!r} failed with HTTP {status}")
-
-
-def _port(parts) -> int | None:
-    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-
-
-def _shown(ref: str) -> str:
-    """A reference for messages: no query string or credentials on URLs, bounded length."""
-    parts = urlsplit(ref)
-    if parts.scheme.lower() in ("http", "https") and not ImageFetcher._is_local_files(parts.path):
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        ref = f"{parts.scheme}://{host}{parts.path}"
-    return ref if len(ref) <= _SHOWN_CHARS else ref[: _SHOWN_CHARS - 3] + "..."
-
-
-def _reason(error: Exception) -> str:
-    """A one-line reason for a requests error (its repr nests the whole urllib3 chain)."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:300]
+def shared_image_source(settings: Settings) -> ImageSource:
+    """One ImageSource (cache, connection pools, access token) per settings, per process."""
+    return ImageSource(settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +244,8 @@ class PupilModel:
     """Pre-annotates pupil centres and eye corners for Label Studio.
 
     Cheap to construct: `setup()` only parses the label config (cached). `predict` returns one
-    prediction per task, in order, also for tasks that fail (empty result, score 0).
+    prediction per task, in order, also for tasks that fail (empty result, score 0). `metrics`,
+    when given, counts every task's outcome.
     """
 
     def __init__(
@@ -458,7 +253,8 @@ class PupilModel:
         label_config: str | None = None,
         settings: Settings | None = None,
         *,
-        fetcher: ImageFetcher | None = None,
+        source: ImageSource | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings or Settings()
         if self.settings.coarse_variant not in VARIANTS:
@@ -468,7 +264,8 @@ class PupilModel:
             )
         self.label_config = label_config
         self.model_version = model_version(self.settings.coarse_variant)
-        self.fetcher = fetcher or shared_fetcher(self.settings)
+        self.source = source or shared_image_source(self.settings)
+        self.metrics = metrics
         self._targets: LabelTargets | None = None
         self.setup()
 
@@ -498,7 +295,8 @@ class PupilModel:
         task_id = task.get("id") if isinstance(task, dict) else None
         started = time.perf_counter()
         try:
-            image = self.fetcher.load(_image_reference(task, targets))
+            data = self.source.fetch(_image_reference(task, targets), _presign_id(task_id))
+            image = load_image(data, self.source.limits)
             faces = detect_faces(self.settings.coarse_variant, image.grey)
             prediction = results.prediction(
                 faces,
@@ -508,15 +306,24 @@ class PupilModel:
                 self.model_version,
                 results.region_id_prefix(task_id),
             )
-        except (TaskError, ImageError) as e:
-            log.warning("task=%s outcome=failed ms=%.0f reason=%s", task_id, _ms(started), e)
-            return results.empty_prediction(self.model_version)
+        except (TaskError, ImageSourceError) as e:
+            return self._failed(task_id, e.reason, str(e), started)
+        except ImageError as e:
+            reason = IMAGE_TOO_LARGE if isinstance(e, ImageTooLarge) else IMAGE_UNREADABLE
+            return self._failed(task_id, reason, str(e), started)
         except Exception:
-            log.exception("task=%s outcome=error ms=%.0f", task_id, _ms(started))
-            return results.empty_prediction(self.model_version)
+            log.exception(
+                "task=%s outcome=failed reason=%s detail=unexpected error ms=%.0f",
+                _shown_id(task_id),
+                INTERNAL,
+                _ms(started),
+            )
+            return self._failed(task_id, INTERNAL, None, started)
+        if self.metrics is not None:
+            self.metrics.prediction_ok(len(faces))
         log.info(
-            "task=%s outcome=predicted faces=%d regions=%d score=%.3f size=%dx%d ms=%.0f",
-            task_id,
+            "task=%s outcome=ok faces=%d regions=%d score=%.3f size=%dx%d ms=%.0f",
+            _shown_id(task_id),
             len(faces),
             len(prediction["result"]),
             prediction["score"],
@@ -525,6 +332,20 @@ class PupilModel:
             _ms(started),
         )
         return prediction
+
+    def _failed(self, task_id: object, reason: str, detail: str | None, started: float) -> dict:
+        """Log and count a failed task; its empty prediction keeps the batch aligned."""
+        if detail is not None:
+            log.warning(
+                "task=%s outcome=failed reason=%s detail=%s ms=%.0f",
+                _shown_id(task_id),
+                reason,
+                " ".join(detail.split()),  # one line per task, whatever the message holds
+                _ms(started),
+            )
+        if self.metrics is not None:
+            self.metrics.prediction_failed(reason)
+        return results.empty_prediction(self.model_version)
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
         """Training is not implemented yet: every event is acknowledged and ignored."""
@@ -546,6 +367,20 @@ def _image_reference(task: object, targets: LabelTargets) -> object:
             f"{targets.image_name!r}> value ${targets.data_key})"
         )
     return data[targets.data_key]
+
+
+def _presign_id(task_id: object) -> int | None:
+    """The task id as Label Studio's presign URL needs it: a non-negative integer, or None."""
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and task_id >= 0:
+        return task_id
+    if isinstance(task_id, str) and task_id.isascii() and task_id.isdigit():
+        return int(task_id)
+    return None
+
+
+def _shown_id(task_id: object) -> str:
+    """A task id for a log line: one short token, whatever the caller sent."""
+    return str(task_id)[:40].replace(" ", "_").replace("\n", "_")
 
 
 def _ms(started: float) -> float:

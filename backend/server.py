@@ -1,13 +1,16 @@
-"""The HTTP server Label Studio calls: /health, /setup, /predict, /versions, /webhook.
+"""The HTTP server Label Studio calls: /health, /setup, /predict, /versions, /webhook, /metrics.
 
 `create_app(settings)` builds the Flask app; `main()` (`python -m backend.server`) reads the
 settings from the environment, builds the detector once and serves with gunicorn, preloaded so
 every worker shares it. `gunicorn 'backend.server:create_app()'` works too (add `warm=True` to
-build the detector before the first request).
+build the detector before the first request; with PROMETHEUS_MULTIPROC_DIR, empty that
+directory yourself before starting).
 
-Every answer is JSON, errors included ({"error": ..., "status": code}); a 500 never carries a
-traceback (it goes to the log). One log line per request (method, path, status, ms) and one per
-task (task id and what happened).
+With BASIC_AUTH_USER and BASIC_AUTH_PASS set, every route, unknown ones included, answers 401
+with `WWW-Authenticate: Basic realm="pupil-backend"` unless the request carries them.
+Every answer is JSON, errors included ({"error": ..., "status": code}), except /metrics
+(Prometheus text); a 500 never carries a traceback (it goes to the log). One log line per
+request (method, path, status, ms) and one per task (task id and what happened).
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from backend import basic_auth
+from backend.image_source import ImageSource
+from backend.ls_auth import key_kind
+from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from backend.metrics import Metrics, no_queue, reset_multiproc_dir, worker_exited
 from backend.model import (
     ConfigError,
     PupilModel,
     model_version,
-    shared_fetcher,
     warm_up,
 )
 from backend.settings import Settings
@@ -66,14 +74,21 @@ def default_label_config() -> str | None:
         return None
 
 
-def create_app(settings: Settings | None = None, *, warm: bool = False) -> Flask:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    warm: bool = False,
+    queue_depth: Callable[[], int] = no_queue,
+) -> Flask:
     """The Flask app. `settings` defaults to Settings.from_env(); `warm` builds the detector
-    now rather than on the first prediction."""
+    now rather than on the first prediction; `queue_depth` feeds the queue_depth gauge (0 until
+    a job queue exists)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     version = model_version(settings.coarse_variant)
-    PupilModel(None, settings)  # checks COARSE_VARIANT now rather than on the first request
-    fetcher = shared_fetcher(settings)
+    metrics = Metrics(multiproc_dir=settings.prometheus_multiproc_dir, queue_depth=queue_depth)
+    source = ImageSource(settings)  # one per app: its cache and token outlive each request
+    PupilModel(None, settings, source=source)  # checks COARSE_VARIANT now, not at first use
     _warn_about(settings)
     if warm:
         warm_up(settings.coarse_variant)
@@ -81,27 +96,55 @@ def create_app(settings: Settings | None = None, *, warm: bool = False) -> Flask
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["PUPIL_SETTINGS"] = settings
+    app.extensions["pupil_metrics"] = metrics
+    app.extensions["pupil_image_source"] = source
 
     def new_model(label_config: str | None) -> PupilModel:
-        return PupilModel(label_config, settings, fetcher=fetcher)
+        return PupilModel(label_config, settings, source=source, metrics=metrics)
 
     @app.before_request
     def start_timer() -> None:
         g.started = time.perf_counter()
 
+    credentials = (settings.basic_auth_user, settings.basic_auth_pass)
+
+    @app.before_request
+    def require_basic_auth() -> Response | None:
+        user, password = credentials
+        if user is None or password is None:  # Settings makes sure it is both or neither
+            return None
+        header = request.headers.get("Authorization")
+        if basic_auth.credentials_match(header, user, password):
+            return None
+        log.warning(
+            "auth refused method=%s path=%s reason=%s",
+            request.method,
+            request.path,
+            "no credentials" if not header else "wrong credentials",
+        )
+        response = _error(
+            401,
+            "authentication required: this backend expects HTTP basic auth (in Label Studio, "
+            "the model's Basic auth user and password)",
+        )
+        response.headers["WWW-Authenticate"] = basic_auth.CHALLENGE
+        return response
+
     @app.after_request
     def log_request(response: Response) -> Response:
         started = g.get("started")
-        ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+        seconds = time.perf_counter() - started if started is not None else 0.0
         extra = f" tasks={g.tasks}" if "tasks" in g else ""
         access_log.info(
             "method=%s path=%s status=%d ms=%.1f%s",
             request.method,
             request.path,
             response.status_code,
-            ms,
+            seconds * 1000,
             extra,
         )
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        metrics.observe_request(request.method, rule, response.status_code, seconds)
         return response
 
     @app.get("/")
@@ -163,6 +206,10 @@ def create_app(settings: Settings | None = None, *, warm: bool = False) -> Flask
     def versions():
         return {"versions": [version]}
 
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE)
+
     @app.post("/webhook")
     def webhook():
         body = _json_object()
@@ -221,11 +268,21 @@ def _error(status: int, message: str) -> Response:
 
 
 def _warn_about(settings: Settings) -> None:
+    """Log what the settings mean for operators (never a secret: no key, user or password)."""
     root = settings.local_files_document_root
     if root is not None and not Path(root).is_dir():
         log.warning("LOCAL_FILES_DOCUMENT_ROOT=%s is not a directory", root)
     if settings.label_studio_url and not settings.label_studio_api_key:
         log.warning("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not: downloads will 401")
+    if settings.label_studio_api_key:
+        log.info("LABEL_STUDIO_API_KEY is a %s", key_kind(settings.label_studio_api_key))
+    log.info("basic auth %s", "required" if settings.basic_auth else "off")
+    if settings.workers > 1 and settings.prometheus_multiproc_dir is None:
+        log.warning(
+            "WORKERS=%d without PROMETHEUS_MULTIPROC_DIR: /metrics shows only the answering "
+            "worker's counts",
+            settings.workers,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +313,7 @@ def gunicorn_options(settings: Settings) -> dict:
             model_version(settings.coarse_variant),
         )
 
-    return {
+    options = {
         "bind": _bind(settings.host, settings.port),
         "workers": settings.workers,
         "threads": settings.threads,
@@ -272,6 +329,14 @@ def gunicorn_options(settings: Settings) -> dict:
         # machine would fight over it, and nothing here uses it.
         "control_socket_disable": True,
     }
+    multiproc_dir = settings.prometheus_multiproc_dir
+    if multiproc_dir is not None:
+
+        def child_exit(server, worker) -> None:
+            worker_exited(multiproc_dir, worker.pid)
+
+        options["child_exit"] = child_exit
+    return options
 
 
 def serve(app: Flask, options: dict) -> None:
@@ -299,8 +364,10 @@ def main() -> None:
     configure_logging(settings.log_level)
     started = time.perf_counter()
     try:
+        if settings.prometheus_multiproc_dir is not None:
+            reset_multiproc_dir(settings.prometheus_multiproc_dir)
         app = create_app(settings, warm=True)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     log.info(
         "starting %s on %s (model ready in %.1f s)",

@@ -2,14 +2,16 @@
 
 Everything the server needs from the outside world arrives here, so the rest of the code takes a
 `Settings` and never looks at `os.environ`. Values are checked on the way in: a typo in a number
-or a log level stops the server at start-up with a message naming the variable.
+or a log level stops the server at start-up with a message naming the variable. One exception
+outside our code: prometheus_client reads PROMETHEUS_MULTIPROC_DIR itself when first imported;
+`prometheus_multiproc_dir` mirrors it so the server can check and prepare that directory.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,12 +26,38 @@ class Settings:
     host: str = "0.0.0.0"  # HOST
     model_dir: Path = Path("./models")  # MODEL_DIR: trained models and their state
     label_studio_url: str | None = None  # LABEL_STUDIO_URL, e.g. http://label-studio:8080
-    label_studio_api_key: str | None = None  # LABEL_STUDIO_API_KEY (legacy token)
+    # LABEL_STUDIO_API_KEY: a legacy token or a personal access token (backend/ls_auth.py)
+    label_studio_api_key: str | None = field(default=None, repr=False)
     local_files_document_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
     log_level: str = "INFO"  # LOG_LEVEL
     coarse_variant: str = "fused"  # COARSE_VARIANT: pupil method of the coarse detector
     workers: int = 1  # WORKERS: gunicorn worker processes
     threads: int = 4  # THREADS: threads per worker
+    # BASIC_AUTH_USER / BASIC_AUTH_PASS: when both are set every route asks for them.
+    basic_auth_user: str | None = field(default=None, repr=False)
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    # ALLOWED_IMAGE_HOSTS: other hosts ("host" or "host:port", lowercase) images may come from.
+    allowed_image_hosts: tuple[str, ...] = ()
+    image_cache_mb: int = 256  # IMAGE_CACHE_MB: downloaded-image cache; 0 turns it off
+    # PROMETHEUS_MULTIPROC_DIR: where prometheus_client's per-worker files go (WORKERS > 1).
+    prometheus_multiproc_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
+            given, missing = (
+                ("BASIC_AUTH_USER", "BASIC_AUTH_PASS")
+                if self.basic_auth_user is not None
+                else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not: set both to require basic auth, or "
+                "neither to serve without it"
+            )
+
+    @property
+    def basic_auth(self) -> bool:
+        """Whether every request must carry the basic-auth credentials."""
+        return self.basic_auth_user is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -47,6 +75,7 @@ class Settings:
         defaults = cls()
         port = _int(environ, "PORT", defaults.port, minimum=1, maximum=65535)
         root = text("LOCAL_FILES_DOCUMENT_ROOT")
+        multiproc = text("PROMETHEUS_MULTIPROC_DIR")
         return cls(
             port=port,
             host=text("HOST") or defaults.host,
@@ -58,6 +87,12 @@ class Settings:
             coarse_variant=text("COARSE_VARIANT") or defaults.coarse_variant,
             workers=_int(environ, "WORKERS", defaults.workers, minimum=1),
             threads=_int(environ, "THREADS", defaults.threads, minimum=1),
+            # Taken verbatim (no strip): a password may well end in a space.
+            basic_auth_user=environ.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=environ.get("BASIC_AUTH_PASS") or None,
+            allowed_image_hosts=_hosts(text("ALLOWED_IMAGE_HOSTS")),
+            image_cache_mb=_int(environ, "IMAGE_CACHE_MB", defaults.image_cache_mb, minimum=0),
+            prometheus_multiproc_dir=Path(multiproc) if multiproc else None,
         )
 
 
@@ -93,6 +128,41 @@ def _url(raw: str | None) -> str | None:
             f"http://label-studio:8080, got {raw!r}"
         )
     return raw.rstrip("/")
+
+
+def _hosts(raw: str | None) -> tuple[str, ...]:
+    """ALLOWED_IMAGE_HOSTS as lowercase "host" / "host:port" entries (IPv6 as "[::1]:8080").
+
+    Entries are hosts, not URLs: a scheme, path or credentials in one is a start-up error, so a
+    typo cannot silently widen (or fail to grant) access.
+    """
+    if raw is None:
+        return ()
+    hosts: list[str] = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        parts = urlsplit(f"//{entry}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            "://" in entry
+            or not parts.hostname
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or "@" in entry
+            or port == -1
+        ):
+            raise ValueError(
+                f"ALLOWED_IMAGE_HOSTS entries must be host or host:port (comma-separated), "
+                f"such as images.example.com or minio:9000, got {entry!r}"
+            )
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        hosts.append(f"{host}:{port}" if port is not None else host)
+    return tuple(dict.fromkeys(hosts))
 
 
 def _log_level(raw: str) -> str:

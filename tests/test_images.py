@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from backend.images import ImageError, ImageLimits, LoadedImage, load_image, to_grey
+from backend.images import (
+    ImageError,
+    ImageLimits,
+    ImageTooLarge,
+    LoadedImage,
+    load_image,
+    to_grey,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Builders
@@ -475,7 +482,7 @@ def test_huge_exif_chunk_in_png_loads_quickly():
 
 def test_byte_limit_on_bytes():
     data = encode(Image.fromarray(pattern(40, 40)), "PNG")
-    with pytest.raises(ImageError, match=rf"{len(data):,} bytes \(limit 100 bytes\)"):
+    with pytest.raises(ImageTooLarge, match=rf"{len(data):,} bytes \(limit 100 bytes\)"):
         load_image(data, ImageLimits(max_bytes=100))
     assert load_image(data, ImageLimits(max_bytes=len(data))).width == 40
 
@@ -494,9 +501,19 @@ def test_byte_limit_checked_before_reading(tmp_path):
     assert peak < 1_000_000
 
 
+def test_too_large_is_an_image_error_callers_can_tell_apart():
+    assert issubclass(ImageTooLarge, ImageError)
+    with pytest.raises(ImageError) as caught:
+        load_image(encode(Image.fromarray(pattern(40, 40)), "PNG"), ImageLimits(max_bytes=10))
+    assert isinstance(caught.value, ImageTooLarge)
+    with pytest.raises(ImageError) as caught:
+        load_image(b"not an image at all")
+    assert not isinstance(caught.value, ImageTooLarge)
+
+
 def test_pixel_limit_from_header():
     data = encode(Image.new("RGB", (11, 10)), "PNG")
-    with pytest.raises(ImageError, match=r"11x10 = 110 pixels \(limit 100 pixels\)"):
+    with pytest.raises(ImageTooLarge, match=r"11x10 = 110 pixels \(limit 100 pixels\)"):
         load_image(data, ImageLimits(max_pixels=100))
     assert load_image(data, ImageLimits(max_pixels=110)).width == 11
 
@@ -513,7 +530,7 @@ def test_decompression_bomb_rejected_fast_with_bounded_memory():
     tracemalloc.start()
     start = time.perf_counter()
     try:
-        with pytest.raises(ImageError, match=r"900,000,000 pixels \(limit 80,000,000 pixels\)"):
+        with pytest.raises(ImageTooLarge, match=r"900,000,000 pixels \(limit 80,000,000 pixels\)"):
             load_image(data)
         elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
@@ -524,7 +541,7 @@ def test_decompression_bomb_rejected_fast_with_bounded_memory():
 
 
 def test_pillow_bomb_error_becomes_image_error_even_with_a_higher_limit():
-    with pytest.raises(ImageError, match="900,000,000 pixels"):  # Pillow's hard stop, ~179 Mpx
+    with pytest.raises(ImageTooLarge, match="900,000,000 pixels"):  # Pillow's hard stop, ~179 Mpx
         load_image(bomb_png(30_000, 30_000), ImageLimits(max_pixels=10**12))
 
 

@@ -25,9 +25,10 @@ import requests
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend import model as model_module
-from backend.images import ImageError, ImageLimits
+from backend.image_source import ImageSource, ImageSourceError
+from backend.images import ImageLimits
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
-from backend.model import ConfigError, ImageFetcher, PupilModel, TaskError, parse_label_config
+from backend.model import ConfigError, PupilModel, parse_label_config
 from backend.results import ResultSpec, face_results, prediction, prediction_score
 from backend.server import create_app, gunicorn_options
 from backend.settings import Settings
@@ -364,16 +365,24 @@ def test_a_bad_task_fails_alone_and_keeps_the_batch_aligned(tmp_path, caplog):
             assert is_empty(result), index
             assert result["model_version"] == "coarse-fused-0.1.0"
     log = caplog.text
-    assert "task=2 outcome=failed" in log and "file not found: 'missing.png'" in log
-    assert "task=3 outcome=failed" in log and "escapes LOCAL_FILES_DOCUMENT_ROOT" in log
-    assert "task=4 outcome=failed" in log
-    assert "task=5 outcome=failed" in log  # the symlink is resolved before the check
-    assert "task=6 outcome=failed" in log and "damaged PNG" in log
-    assert "task=8 outcome=failed" in log and "not LABEL_STUDIO_URL's host" in log
-    assert "task=9 outcome=failed" in log and "s3:// is not supported" in log
-    assert "task=11 outcome=failed" in log and "no 'image' field" in log
-    assert "task=None outcome=failed" in log and "must be a JSON object" in log
-    assert "task=1 outcome=predicted" in log and "task=13 outcome=predicted" in log
+
+    def failed(task_id, reason, detail=""):
+        lines = [line for line in log.splitlines() if f"task={task_id} outcome=failed" in line]
+        assert len(lines) == 1, (task_id, lines)
+        assert f"reason={reason} detail=" in lines[0] and detail in lines[0], lines[0]
+
+    failed(2, "not_found", "file not found: 'missing.png'")
+    failed(3, "forbidden_source", "contains '..'")
+    failed(4, "forbidden_source")
+    failed(5, "forbidden_source", "escapes LOCAL_FILES_DOCUMENT_ROOT")  # symlink resolved
+    failed(6, "image_unreadable", "damaged PNG")
+    failed(7, "image_unreadable")
+    failed(8, "forbidden_source", "ALLOWED_IMAGE_HOSTS")
+    failed(9, "download_failed", "cannot download 's3://bucket/face.png'")  # nothing on :9
+    failed(10, "forbidden_source", "file: URLs are not read")
+    failed(11, "no_image_field", "no 'image' field")
+    failed(None, "no_image_field", "must be a JSON object")
+    assert "task=1 outcome=ok" in log and "task=13 outcome=ok" in log
 
 
 @pytest.mark.parametrize(
@@ -515,10 +524,13 @@ def test_uploads_are_downloaded_from_label_studio_with_the_token(label_studio):
         assert_valid(result)
     assert ("/data/upload/1/face.png", "Token s3cret") in _FakeLabelStudio.seen
     assert all(path != "/face.png" for path, _ in _FakeLabelStudio.seen)  # never left the host
+    # Tasks 1 and 2 name the same URL: the second comes from the cache. Task 3 is cached under
+    # its own URL (/redirect-home), so its redirect target is downloaded again.
+    assert _FakeLabelStudio.seen.count(("/data/upload/1/face.png", "Token s3cret")) == 2
 
 
 def test_a_refused_download_and_a_missing_url_fail_the_task_with_a_reason(label_studio, caplog):
-    wrong_key = Settings(label_studio_url=label_studio, label_studio_api_key="wrong")
+    wrong_key = Settings(label_studio_url=label_studio, label_studio_api_key="not-the-key-8d1f")
     no_url = Settings()
     with caplog.at_level(logging.WARNING, logger="backend"):
         for settings in (wrong_key, no_url):
@@ -527,37 +539,30 @@ def test_a_refused_download_and_a_missing_url_fail_the_task_with_a_reason(label_
                 "results"
             ]
             assert is_empty(result)
+    assert "task=7 outcome=failed reason=auth_failed" in caplog.text
     assert "HTTP 401" in caplog.text and "LABEL_STUDIO_API_KEY" in caplog.text
-    assert "LABEL_STUDIO_URL is not set" in caplog.text
+    assert "reason=not_configured" in caplog.text and "LABEL_STUDIO_URL is not set" in caplog.text
+    assert "not-the-key-8d1f" not in caplog.text  # the key itself is never logged
 
 
-def test_downloads_are_size_limited_even_without_a_content_length(label_studio):
+def test_a_too_large_image_is_a_per_task_failure(label_studio, caplog):
     settings = Settings(label_studio_url=label_studio, label_studio_api_key="s3cret")
-    small = ImageFetcher(settings, ImageLimits(max_bytes=10_000))
-    with pytest.raises(ImageError, match="too large"):
-        small.load("/data/upload/1/face.png")  # refused from its Content-Length
-    with pytest.raises(ImageError, match="too large"):
-        small.load("/no-length")  # refused while streaming
-    assert ImageFetcher(settings).load("/no-length").width == 512
+    app = create_app(settings)
+    app.extensions["pupil_image_source"].limits = ImageLimits(max_bytes=10_000)
+    with caplog.at_level(logging.WARNING, logger="backend"):
+        (result,) = post_predict(
+            app.test_client(), [task(3, "/data/upload/1/face.png")]
+        ).get_json()["results"]
+    assert is_empty(result)
+    assert "task=3 outcome=failed reason=image_too_large detail=file is too large" in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("settings", "ref", "message"),
-    [
-        (Settings(), "/data/local-files/?d=astronaut.png", "LABEL_STUDIO_URL is not set"),
-        (Settings(local_files_document_root=DATA), "/data/local-files/", "no ?d="),
-        (Settings(local_files_document_root=DATA), "/data/local-files/?d=a%00b", "invalid"),
-        (Settings(label_studio_url="http://ls:8080"), "http://ls:9999/x.png", "not LABEL_STUDIO"),
-        (Settings(label_studio_url="http://ls:8080"), "//ls:8080/x.png", "scheme-relative"),
-        (Settings(), "https://ls/x.png?X-Amz-Signature=abc", "LABEL_STUDIO_URL is not set"),
-        (Settings(), "images/x.png", "expected a path starting with /"),
-        (Settings(), 42, "non-empty string"),
-    ],
-)
-def test_unusable_image_references_raise_task_error(settings, ref, message):
-    with pytest.raises(TaskError, match=re.escape(message)) as caught:
-        ImageFetcher(settings).load(ref)
-    assert "X-Amz-Signature" not in str(caught.value)  # no signed query strings in logs
+def test_model_without_a_source_shares_one_per_settings(settings):
+    first = PupilModel(CONFIG, settings)
+    assert isinstance(first.source, ImageSource)
+    assert PupilModel(CONFIG, settings).source is first.source
+    with pytest.raises(ImageSourceError):
+        first.source.fetch("http://example.com/x.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +652,11 @@ def test_settings_defaults_and_environment():
         coarse_variant="fused",
         workers=1,
         threads=4,
+        basic_auth_user=None,
+        basic_auth_pass=None,
+        allowed_image_hosts=(),
+        image_cache_mb=256,
+        prometheus_multiproc_dir=None,
     )
     env = {
         "PORT": "8000",
@@ -659,6 +669,11 @@ def test_settings_defaults_and_environment():
         "COARSE_VARIANT": "projection",
         "WORKERS": "2",
         "THREADS": " 8 ",
+        "BASIC_AUTH_USER": "studio",
+        "BASIC_AUTH_PASS": " pass word ",
+        "ALLOWED_IMAGE_HOSTS": "Images.Example.com, minio:9000,,[::1]:8080 ,minio:9000",
+        "IMAGE_CACHE_MB": "0",
+        "PROMETHEUS_MULTIPROC_DIR": "/tmp/prom",
         "PATH": "/usr/bin",
     }
     settings = Settings.from_env(env)
@@ -673,8 +688,23 @@ def test_settings_defaults_and_environment():
         coarse_variant="projection",
         workers=2,
         threads=8,
+        basic_auth_user="studio",
+        basic_auth_pass=" pass word ",  # verbatim: a password may have spaces
+        allowed_image_hosts=("images.example.com", "minio:9000", "[::1]:8080"),
+        image_cache_mb=0,
+        prometheus_multiproc_dir=Path("/tmp/prom"),
     )
     assert Settings.from_env({"PORT": "", "LABEL_STUDIO_URL": " "}) == Settings()
+    blank = {"BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", "ALLOWED_IMAGE_HOSTS": " , "}
+    assert Settings.from_env(blank) == Settings()
+
+
+def test_secrets_stay_out_of_the_settings_repr():
+    settings = Settings(
+        label_studio_api_key="key-123", basic_auth_user="admin-user-77", basic_auth_pass="pw-456"
+    )
+    shown = repr(settings)
+    assert "key-123" not in shown and "admin-user-77" not in shown and "pw-456" not in shown
 
 
 @pytest.mark.parametrize(
@@ -687,6 +717,13 @@ def test_settings_defaults_and_environment():
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
         ({"LABEL_STUDIO_URL": "label-studio:8080"}, "LABEL_STUDIO_URL must be an absolute"),
         ({"LABEL_STUDIO_URL": "http://ls:port"}, "LABEL_STUDIO_URL must be an absolute"),
+        ({"BASIC_AUTH_USER": "studio"}, "BASIC_AUTH_USER is set but BASIC_AUTH_PASS is not"),
+        ({"BASIC_AUTH_PASS": "pw"}, "BASIC_AUTH_PASS is set but BASIC_AUTH_USER is not"),
+        ({"IMAGE_CACHE_MB": "-1"}, "IMAGE_CACHE_MB must be at least 0"),
+        ({"ALLOWED_IMAGE_HOSTS": "https://images.example.com"}, "host or host:port"),
+        ({"ALLOWED_IMAGE_HOSTS": "ok.example.com,bad/path"}, "'bad/path'"),
+        ({"ALLOWED_IMAGE_HOSTS": "minio:port"}, "host or host:port"),
+        ({"ALLOWED_IMAGE_HOSTS": "user@minio"}, "host or host:port"),
     ],
 )
 def test_bad_settings_raise_a_clear_value_error(env, message):

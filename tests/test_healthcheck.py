@@ -1,0 +1,95 @@
+"""`python -m backend.healthcheck` (the Docker HEALTHCHECK) against the real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backend.healthcheck"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory):
+    """A real server behind basic auth; yields the environment it was started with."""
+    env = {
+        **os.environ,
+        "PORT": str(free_port()),
+        "HOST": "127.0.0.1",
+        "BASIC_AUTH_USER": "probe",
+        "BASIC_AUTH_PASS": "s3cret pass",
+        "THREADS": "2",
+    }
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "PROMETHEUS_MULTIPROC_DIR"):
+        env.pop(name, None)
+    log_path = tmp_path_factory.mktemp("healthcheck") / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend.server"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{env['PORT']}/health"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"server did not start:\n{log_path.read_text()}")
+        yield env
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_healthy_server_with_the_right_credentials(server_env):
+    done = probe(server_env)
+    assert done.returncode == 0, done.stderr
+    assert "healthy:" in done.stderr and "status 'UP'" in done.stderr
+    assert "s3cret" not in done.stderr
+
+
+def test_wrong_credentials_are_unhealthy(server_env):
+    done = probe({**server_env, "BASIC_AUTH_PASS": "wrong"})
+    assert done.returncode == 1
+    assert "HTTP 401" in done.stderr
+
+
+def test_no_server_is_unhealthy(server_env):
+    done = probe({**server_env, "PORT": str(free_port())})
+    assert done.returncode == 1
+    assert "ConnectionError" in done.stderr
