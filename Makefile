@@ -9,6 +9,10 @@ STAMP      := $(VENV)/.installed
 PYTHON     ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
 PYTEST_ARGS ?=
 
+# Label Studio for the end-to-end tests (tests/e2e) lives in its own venv, never in $(VENV).
+LS_VENV    := .venv-ls
+LS_STAMP   := $(LS_VENV)/.installed
+
 # Lock tooling lives in its own venv so it never leaks into the project venv.
 LOCK_VENV  := .venv-lock
 PIP_TOOLS  := pip-tools==7.6.2
@@ -20,7 +24,7 @@ COMPILE    := $(LOCK_VENV)/bin/pip-compile --strip-extras --allow-unsafe \
               --no-emit-index-url --no-emit-find-links
 LOCK_NOTE  := \# Pinned for CPython 3.11 on linux x86_64, resolved against PyPI only.\n\# Tool: pip-compile (pip-tools). Regenerate: `make lock` (LOCK_ARGS=--upgrade to bump).\n\# Command (PIP_* index/find-links env unset): PIP_CONFIG_FILE=/dev/null pip-compile --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 
-.PHONY: venv run test lock lint clean check-python
+.PHONY: venv venv-ls system-deps run test lock lint clean check-python
 
 check-python:
 	@test -n "$(PYTHON)" || { echo "error: neither python3.11 nor python3 found on PATH; install Python 3.11" >&2; exit 1; }
@@ -40,10 +44,26 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml | check-python
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@touch $@
 
+venv-ls: $(LS_STAMP)
+
+# Reinstalls whenever requirements-ls.lock changes. The first e2e run also migrates a Label
+# Studio template database under .cache/ (~30 s, once per Label Studio version).
+$(LS_STAMP): requirements-ls.lock | check-python
+	@if [ -x $(LS_VENV)/bin/python ] && ! $(LS_VENV)/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then \
+	  echo "$(LS_VENV) is not Python 3.11; recreating"; rm -rf $(LS_VENV); fi
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q -r requirements-ls.lock
+	@touch $@
+
+# Debian packages the tests need (chromium, fonts-liberation, redis-server); see the script.
+system-deps:
+	@scripts/system_test_deps.sh
+
 run: $(STAMP)
 	exec $(PY) -m backend.server
 
-test: $(STAMP)
+test: $(STAMP) $(LS_STAMP) system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -54,10 +74,11 @@ lock: | check-python
 	  $(LOCK_ENV) $(LOCK_VENV)/bin/pip install -q "$(PIP_TOOLS)"; }
 	$(LOCK_ENV) $(COMPILE) $(LOCK_ARGS) -o requirements.lock requirements.in
 	$(LOCK_ENV) $(COMPILE) $(LOCK_ARGS) -o requirements-dev.lock requirements-dev.in
-	@for f in requirements.lock requirements-dev.lock; do \
+	$(LOCK_ENV) $(COMPILE) $(LOCK_ARGS) -o requirements-ls.lock requirements-ls.in
+	@for f in requirements.lock requirements-dev.lock requirements-ls.lock; do \
 	  { printf '$(LOCK_NOTE)\n'; cat $$f; } > $$f.tmp && mv $$f.tmp $$f; done
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) build dist .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOCK_VENV) $(LS_VENV) .cache/label-studio-template-* build dist .pytest_cache .ruff_cache .hypothesis
 	rm -rf *.egg-info
 	find . -path ./.git -prune -o -type d -name __pycache__ -exec rm -rf {} +

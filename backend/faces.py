@@ -31,7 +31,11 @@ class DetectionSettings:
     max_upsample: int = 2  # small images: at most this many 2x steps beyond full resolution
     max_upsampled_pixels: int = 1_400_000  # ... and only while the upsampled copy is this small
     max_scan_pixels: int = 25_000_000  # never scan a copy with more pixels than this
-    fallback_threshold: float = -0.5  # HOG score accepted (with low confidence) as a last try
+    # A face counts as found at this HOG score (dlib's default is 0; logos and patches on
+    # clothing score 0-0.1, real faces rarely do). Weaker ones, down to `fallback_threshold`,
+    # are returned (the best one, with a low confidence) only when nothing reaches it.
+    accept_threshold: float = 0.1
+    fallback_threshold: float = -0.5
 
     def scan_scales(self, height: int, width: int) -> list[float]:
         """Scales to scan, coarse to fine, until a face is found.
@@ -110,7 +114,7 @@ class FaceDetector:
                 (np.array([r.left(), r.top(), r.right(), r.bottom()]) / (sx, sy, sx, sy), sc, scale)
                 for r, sc in zip(rects, scores, strict=True)
             ]
-            confident = [f for f in found if f[1] >= 0.0]
+            confident = [f for f in found if f[1] >= self.settings.accept_threshold]
             if confident:
                 return confident
             for f in found:

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
 
-# Drawn size of a predicted point, percent of the image width (visual only).
-POINT_SIZE_PCT = 0.6
+# Drawn size of a predicted point (Label Studio's keypoint `width`, percent of the image width):
+# a tenth of the face's eye width, so the dot marks the pupil without hiding the iris at any
+# photo resolution; bounded so it stays visible and clickable.
+POINT_SIZE_EYE_FRACTION = 0.1
+POINT_SIZE_BOUNDS_PCT = (0.05, 1.0)
 # Decimal places kept for percentages: 1e-6 % of a 100,000 px side is 0.001 px.
 _DECIMALS = 6
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -42,7 +45,6 @@ class ResultSpec:
     face_from_name: str | None = None
     face_type: str | None = None
     face_label: str | None = None
-    point_size: float = POINT_SIZE_PCT
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.keypoint_labels if name not in KEYPOINT_NAMES]
@@ -89,6 +91,7 @@ def face_results(
             if rect is not None:
                 results.append(rect)
                 parent = face_id
+        size = point_size(face, width)
         for name in spec.keypoint_labels:
             row = KEYPOINT_NAMES.index(name)
             x, y = (float(v) for v in face.points[row])
@@ -103,7 +106,7 @@ def face_results(
                 "value": {
                     "x": _pct(x, width),
                     "y": _pct(y, height),
-                    "width": spec.point_size,
+                    "width": size,
                     "keypointlabels": [name],
                 },
                 "score": unit_score(face.confidences[row]),
@@ -186,3 +189,18 @@ def _face_rectangle(
         "value": value,
         "score": unit_score(face.confidence),
     }
+
+
+def point_size(face: FaceKeypoints, width: int) -> float:
+    """Keypoint `width` for one face: POINT_SIZE_EYE_FRACTION of its mean eye width."""
+    corners = face.points[2:6]  # left outer, left inner, right inner, right outer
+    eye_widths = [
+        float(math.dist(corners[0], corners[1])),
+        float(math.dist(corners[2], corners[3])),
+    ]
+    finite = [w for w in eye_widths if math.isfinite(w) and w > 0]
+    if not finite:
+        return POINT_SIZE_BOUNDS_PCT[1]
+    pct = POINT_SIZE_EYE_FRACTION * (sum(finite) / len(finite)) / width * 100.0
+    lo, hi = POINT_SIZE_BOUNDS_PCT
+    return round(min(max(pct, lo), hi), _DECIMALS)

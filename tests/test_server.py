@@ -29,7 +29,14 @@ from backend.image_source import ImageSource, ImageSourceError
 from backend.images import ImageLimits
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
 from backend.model import ConfigError, PupilModel, parse_label_config
-from backend.results import ResultSpec, face_results, prediction, prediction_score
+from backend.results import (
+    POINT_SIZE_BOUNDS_PCT,
+    ResultSpec,
+    face_results,
+    point_size,
+    prediction,
+    prediction_score,
+)
 from backend.server import create_app, gunicorn_options
 from backend.settings import Settings
 
@@ -584,11 +591,29 @@ def test_points_are_clamped_and_scores_are_in_unit_range():
     assert values["right_eye_inner"]["value"] == {
         "x": 100.0,
         "y": 50.0,
-        "width": 0.6,
+        "width": 1.0,  # a 255 px eye in a 100 px image: capped at the upper bound
         "keypointlabels": ["right_eye_inner"],
     }
     assert [values[n]["score"] for n in KEYPOINT_NAMES[:3]] == [1.0, 0.0, 0.0]
     assert_valid({"result": regions, "score": 0.5, "model_version": "v"})
+
+
+@pytest.mark.parametrize("scale", [1, 8])
+def test_point_size_follows_the_eye_not_the_photo_resolution(scale):
+    """A tenth of the eye width: the same relative dot on a 512 px and a 4096 px photo."""
+    corners = np.array([[255.5, 104.0], [237.5, 105.0], [212.0, 104.0], [195.0, 101.0]])
+    points = np.vstack([[[246.7, 103.5], [203.3, 101.1]], corners]) * scale
+    size = point_size(face(points), 512 * scale)
+    eye = (np.linalg.norm(corners[0] - corners[1]) + np.linalg.norm(corners[2] - corners[3])) / 2
+    assert size == pytest.approx(0.1 * eye / 512 * 100, abs=1e-6)
+    assert 0.3 < size < 0.4
+
+
+def test_point_size_stays_visible_for_tiny_eyes_and_without_corners():
+    tiny = np.array([[10, 10], [20, 10], [12, 10], [11, 10], [19, 10], [18, 10]], float)
+    assert point_size(face(tiny), 4000) == POINT_SIZE_BOUNDS_PCT[0]
+    no_corners = np.array([[10, 10], [20, 10]] + [[np.nan, np.nan]] * 4, float)
+    assert point_size(face(no_corners), 400) == POINT_SIZE_BOUNDS_PCT[1]
 
 
 def test_prediction_score_is_the_least_sure_face_and_zero_without_faces():
