@@ -373,3 +373,55 @@ def test_labelling_page_shows_the_predicted_points(
     if os.environ.get("UPDATE_SCREENSHOTS") == "1":
         SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT_DOC)
+
+
+# ---------------------------------------------------------------------------------------------
+# label_config/pupils-faces.xml: each face's keypoints grouped under its face rectangle
+
+FACES_CONFIG = REPO / "label_config" / "pupils-faces.xml"
+
+
+def test_faces_config_groups_each_faces_keypoints_under_its_rectangle(
+    label_studio: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    client = LabelStudioClient(base_url=label_studio.url, api_key=label_studio.token)
+    pid = client.projects.create(
+        title="Pupils by face", label_config=FACES_CONFIG.read_text(encoding="utf-8")
+    ).id
+    ml = client.ml.create(
+        project=pid,
+        url=backend.url,
+        title="pupil-backend",
+        auth_method="BASIC_AUTH",
+        basic_auth_user=backend.auth[0],
+        basic_auth_pass=backend.auth[1],
+    )
+    assert client.ml.get(ml.id).state == "CO"
+    pair = build_uploads(tmp_path_factory.mktemp("faces-config"))["two-astronauts.png"]
+    r = requests.post(
+        f"{label_studio.url}/api/projects/{pid}/import",
+        headers=label_studio.headers,
+        files={"file0": (pair.name, pair.data, pair.mime)},
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+    client.actions.create(
+        id="retrieve_tasks_predictions",
+        project=pid,
+        selected_items={"all": True, "excluded": []},
+        request_options={"timeout_in_seconds": 120},
+    )
+    (task,) = _list_tasks(client, pid)
+    result = _prediction(task)["result"]
+    faces = {r["id"]: r for r in result if r["type"] == "rectanglelabels"}
+    points = [r for r in result if r["type"] == "keypointlabels"]
+    assert len(faces) == 2 and all(
+        f["value"]["rectanglelabels"] == ["face"] for f in faces.values()
+    )
+    assert len(points) == 12
+    by_face = Counter(p.get("parentID") for p in points)
+    assert by_face == {face_id: 6 for face_id in faces}, by_face
+    for p in points:  # every point lies inside the rectangle it is grouped under
+        box = faces[p["parentID"]]["value"]
+        assert box["x"] <= p["value"]["x"] <= box["x"] + box["width"]
+        assert box["y"] <= p["value"]["y"] <= box["y"] + box["height"]
