@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -840,3 +841,18 @@ def test_oversized_bodies_are_a_json_413(settings):
     app.config["MAX_CONTENT_LENGTH"] = 1000
     response = app.test_client().post("/predict", json={"tasks": [task(1)] * 50})
     assert response.status_code == 413 and response.is_json
+
+
+def test_the_faces_config_gets_a_rectangle_per_face_with_its_points(client):
+    faces_config = (ROOT / "label_config" / "pupils-faces.xml").read_text(encoding="utf-8")
+    assert client.post("/setup", json={"schema": faces_config, "project": "1"}).status_code == 200
+    response = post_predict(client, [task(7)], label_config=faces_config)
+    (result,) = response.get_json()["results"]
+    assert_valid(result, faces_config)
+    kinds = Counter(region["type"] for region in result["result"])
+    assert kinds == {"rectanglelabels": 1, "keypointlabels": 6}
+    (face_box,) = [r for r in result["result"] if r["type"] == "rectanglelabels"]
+    assert face_box["value"]["rectanglelabels"] == ["face"]
+    assert all(
+        r["parentID"] == face_box["id"] for r in result["result"] if r["type"] == "keypointlabels"
+    )
