@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import requests
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_process import ROOT, free_port, running_server
 
 
 def probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -47,33 +36,8 @@ def server_env(tmp_path_factory):
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(name, None)
     log_path = tmp_path_factory.mktemp("healthcheck") / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.server"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{env['PORT']}/health"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not start:\n{log_path.read_text()}")
+    with running_server(env, log_path):
         yield env
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def test_healthy_server_with_the_right_credentials(server_env):

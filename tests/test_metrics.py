@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import free_port, running_server
 
 from backend.metrics import FAILURE_REASONS, Metrics
 from backend.server import create_app, gunicorn_options
@@ -162,12 +162,6 @@ def test_several_workers_without_a_multiprocess_dir_are_warned_about(caplog):
 # Several gunicorn workers, one view
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gunicorn_workers_are_summed_with_prometheus_multiproc_dir(tmp_path):
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
@@ -186,30 +180,15 @@ def test_gunicorn_workers_are_summed_with_prometheus_multiproc_dir(tmp_path):
     )
     assert list(metrics_dir.glob("counter_*.db"))
 
-    port = _free_port()
+    port = free_port()
     env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="2", THREADS="1", LOG_LEVEL="INFO")
     env.pop("LABEL_STUDIO_URL", None)
     env.pop("BASIC_AUTH_USER", None)
     env.pop("BASIC_AUTH_PASS", None)
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.server"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
     sent = 0
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                requests.get(f"{url}/versions", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+    with running_server(env, log_path, ready_path="/versions"):
         # Bursts of concurrent requests on fresh connections until both workers have answered
         # some (which worker accepts a connection is up to the kernel).
         deadline = time.monotonic() + 30
@@ -221,13 +200,6 @@ def test_gunicorn_workers_are_summed_with_prometheus_multiproc_dir(tmp_path):
             if len(_health_pids(log_path.read_text())) >= 2:
                 break
         text = requests.get(f"{url}/metrics", timeout=5).text
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
     log = log_path.read_text()
     health = {"method": "GET", "route": "/health", "status": "200"}
     assert value(text, "http_requests_total", **health) == sent, log

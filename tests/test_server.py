@@ -12,11 +12,7 @@ import logging
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import numpy as np
 import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
+from server_process import free_port, running_server
 
 from backend import model as model_module
 from backend.image_source import ImageSource, ImageSourceError
@@ -116,12 +113,6 @@ def points_by_label(prediction_json: dict) -> dict[str, tuple[float, float]]:
 
 def is_empty(prediction_json: dict) -> bool:
     return prediction_json["result"] == [] and prediction_json["score"] == 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def face(points, confidences=None, confidence=0.8, box=(10.0, 10.0, 60.0, 60.0)) -> FaceKeypoints:
@@ -779,25 +770,9 @@ def test_python_m_backend_server_serves_health_and_predictions(tmp_path):
     }
     env.pop("LABEL_STUDIO_URL", None)
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.server"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        health = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                health = requests.get(f"{url}/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        assert health is not None, log_path.read_text()
+    with running_server(env, log_path) as process:
+        health = requests.get(f"{url}/health", timeout=5)
         assert health.status_code == 200
         assert health.json() == {"status": "UP", "model_class": "PupilModel"}
         response = requests.post(
@@ -806,13 +781,6 @@ def test_python_m_backend_server_serves_health_and_predictions(tmp_path):
         (result,) = response.json()["results"]
         assert len(result["result"]) == 6
         assert_valid(result)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
     log = log_path.read_text()
     assert f"ready: serving PupilModel on {url}" in log
     assert "detector built variant=fused" in log

@@ -137,16 +137,12 @@ def _upload_name(task: dict, uploads: dict[str, Upload]) -> str:
     return matches[0]
 
 
-@pytest.fixture(scope="module")
-def project(
-    label_studio: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory
+def predicted_project(
+    label_studio: Any, backend: Any, title: str, config: Path, uploads: dict[str, Upload]
 ) -> PredictedProject:
-    """A project with the backend connected, four images uploaded and predictions retrieved."""
+    """What a user does: create a project, connect the backend, upload, Retrieve Predictions."""
     client = LabelStudioClient(base_url=label_studio.url, api_key=label_studio.token)
-    created = client.projects.create(
-        title="Pupils e2e", label_config=LABEL_CONFIG.read_text(encoding="utf-8")
-    )
-    pid = created.id
+    pid = client.projects.create(title=title, label_config=config.read_text(encoding="utf-8")).id
 
     # Settings -> Model -> Connect Model, with basic auth. LS calls /health and /setup.
     ml = client.ml.create(
@@ -162,7 +158,6 @@ def project(
     assert ml.model_version, "LS kept no model_version from /setup"
 
     # Upload: one multipart form field per file (the same name twice imports only one).
-    uploads = build_uploads(tmp_path_factory.mktemp("uploads"))
     files = {f"file{i}": (u.name, u.data, u.mime) for i, u in enumerate(uploads.values())}
     r = requests.post(
         f"{label_studio.url}/api/projects/{pid}/import",
@@ -191,6 +186,15 @@ def project(
         task_ids={name: t["id"] for name, t in tasks.items()},
         tasks=tasks,
     )
+
+
+@pytest.fixture(scope="module")
+def project(
+    label_studio: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory
+) -> PredictedProject:
+    """A project with the backend connected, four images uploaded and predictions retrieved."""
+    uploads = build_uploads(tmp_path_factory.mktemp("uploads"))
+    return predicted_project(label_studio, backend, "Pupils e2e", LABEL_CONFIG, uploads)
 
 
 def _prediction(task: dict) -> dict:
@@ -384,34 +388,11 @@ FACES_CONFIG = REPO / "label_config" / "pupils-faces.xml"
 def test_faces_config_groups_each_faces_keypoints_under_its_rectangle(
     label_studio: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    client = LabelStudioClient(base_url=label_studio.url, api_key=label_studio.token)
-    pid = client.projects.create(
-        title="Pupils by face", label_config=FACES_CONFIG.read_text(encoding="utf-8")
-    ).id
-    ml = client.ml.create(
-        project=pid,
-        url=backend.url,
-        title="pupil-backend",
-        auth_method="BASIC_AUTH",
-        basic_auth_user=backend.auth[0],
-        basic_auth_pass=backend.auth[1],
-    )
-    assert client.ml.get(ml.id).state == "CO"
     pair = build_uploads(tmp_path_factory.mktemp("faces-config"))["two-astronauts.png"]
-    r = requests.post(
-        f"{label_studio.url}/api/projects/{pid}/import",
-        headers=label_studio.headers,
-        files={"file0": (pair.name, pair.data, pair.mime)},
-        timeout=60,
+    grouped = predicted_project(
+        label_studio, backend, "Pupils by face", FACES_CONFIG, {pair.name: pair}
     )
-    assert r.status_code == 201, r.text
-    client.actions.create(
-        id="retrieve_tasks_predictions",
-        project=pid,
-        selected_items={"all": True, "excluded": []},
-        request_options={"timeout_in_seconds": 120},
-    )
-    (task,) = _list_tasks(client, pid)
+    task = grouped.tasks[pair.name]
     result = _prediction(task)["result"]
     faces = {r["id"]: r for r in result if r["type"] == "rectanglelabels"}
     points = [r for r in result if r["type"] == "keypointlabels"]
