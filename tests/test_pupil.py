@@ -130,20 +130,17 @@ def test_fused_follows_large_offsets_but_is_pulled_toward_the_outline_centre(dx)
     assert error(pupil.fused(crop, flat_prior), truth) <= 0.5
 
 
+@pytest.mark.parametrize(
+    ("method", "tolerance"),
+    [(pupil.means_of_gradients, 2.0), (pupil.projection_meanshift, 2.5)],
+    ids=["means_of_gradients", "projection_meanshift"],
+)
 @pytest.mark.parametrize("offset", NEAR + FAR)
-def test_means_of_gradients_finds_the_iris_centre(offset):
+def test_classical_methods_find_the_iris_centre(method, tolerance, offset):
     truth = CENTRE + offset
     for seed in range(3):
-        estimate = pupil.means_of_gradients(render_eye(truth, seed=seed))
-        assert error(estimate, truth) <= 2.0, (seed, estimate.xy)
-
-
-@pytest.mark.parametrize("offset", NEAR + FAR)
-def test_projection_meanshift_finds_the_iris_centre(offset):
-    truth = CENTRE + offset
-    for seed in range(3):
-        estimate = pupil.projection_meanshift(render_eye(truth, seed=seed))
-        assert error(estimate, truth) <= 2.5, (seed, estimate.xy)
+        estimate = method(render_eye(truth, seed=seed))
+        assert error(estimate, truth) <= tolerance, (seed, estimate.xy)
 
 
 @pytest.mark.parametrize("offset", NEAR + FAR)
