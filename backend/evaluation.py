@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,38 @@ def read_truth_csv(path: str | Path) -> list[TruthRow]:
                 raise ValueError(f"{path}:{line}: left and right eye are the same point")
             rows.append(TruthRow(file=file, left=left, right=right))
     return rows
+
+
+_LAST_INDEX = re.compile(r"_\d+$")
+
+
+def person_of(file: str) -> str:
+    """The split group of an MTFL-style file name.
+
+    LFW names are `<First_Last>_<NNNN>.jpg`: the person. Other names (`net_7876/12_0_1.jpg`)
+    name no person; they are grouped by directory and name without its last `_<n>` (which
+    keeps faces cut from one photo together, if that is what the suffix numbers).
+    """
+    stem = Path(file).stem
+    match = re.fullmatch(r"(.+)_\d{4}", stem)
+    if match:
+        return match.group(1)
+    return f"{Path(file).parent.name}/{_LAST_INDEX.sub('', stem)}"
+
+
+def group_split(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask selecting about `fraction` of the rows, whole groups at a time.
+
+    Each group is assigned by a hash of (seed, group), so the split of a face does not change
+    when other faces are added: a face kept aside once stays aside.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), not {fraction}")
+    threshold = int(fraction * 2**32)
+    picked = {
+        g: zlib.crc32(f"{seed}:{g}".encode()) < threshold for g in dict.fromkeys(groups.tolist())
+    }
+    return np.array([picked[g] for g in groups.tolist()], dtype=bool)
 
 
 def normalised_error(pred_left: np.ndarray, pred_right: np.ndarray, truth: TruthRow) -> float:

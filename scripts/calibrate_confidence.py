@@ -18,12 +18,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backend.calibration import fit_logistic  # noqa: E402
 from backend.coarse import CoarseDetector  # noqa: E402
 from backend.coarse.confidence import FEATURE_NAMES, pupil_confidence  # noqa: E402
 from backend.evaluation import (  # noqa: E402
@@ -32,6 +32,7 @@ from backend.evaluation import (  # noqa: E402
     face_error,
     low_confidence_failure_share,
     match_face,
+    person_of,
     read_truth_csv,
 )
 from backend.images import ImageError, load_image  # noqa: E402
@@ -69,27 +70,6 @@ def _row(row: TruthRow) -> list[tuple[np.ndarray, float, float]] | None:
     ]
 
 
-def person(file: str) -> str:
-    """LFW names end in _NNNN; other files are their own person."""
-    stem = Path(file).stem
-    head, _, tail = stem.rpartition("_")
-    return head if tail.isdigit() and head else stem
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """Maximum-likelihood logistic regression with a small ridge (not on the intercept)."""
-
-    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        z = x @ w
-        p = 1.0 / (1.0 + np.exp(-z))
-        nll = np.logaddexp(0.0, z) - y * z
-        reg = l2 * np.sum(w[1:] ** 2)
-        grad = x.T @ (p - y) / len(y) + 2 * l2 * np.r_[0.0, w[1:]]
-        return float(nll.mean() + reg), grad
-
-    return minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", required=True, type=Path)
@@ -109,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for row, res in zip(rows, results, strict=True):
         if res is None:
             continue
-        half = int(hashlib.sha1(person(row.file).encode()).hexdigest(), 16) % 2
+        half = int(hashlib.sha1(person_of(row.file).encode()).hexdigest(), 16) % 2
         if half == 0:
             for vector, eye_err, _ in res:
                 fit_x.append(vector)

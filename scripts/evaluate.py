@@ -1,11 +1,14 @@
-"""Score a pupil detector against a ground-truth CSV; writes a JSON summary and a CED plot.
+"""Score pupil detectors against a ground-truth CSV; writes a JSON summary and a CED plot.
 
-    python scripts/evaluate.py --csv eyes.csv --root DIR --method coarse \
-        [--variant NAME ...] --json OUT.json [--plot OUT.png] [--limit N] [--seed S] [--workers N]
+    python scripts/evaluate.py --csv eyes.csv --root DIR [--method coarse] [--variant NAME ...] \
+        [--method regressor --model-dir DIR [--version V]] \
+        --json OUT.json [--plot OUT.png] [--limit N] [--seed S] [--workers N]
 
-`--variant` may repeat; `--variant all` runs every coarse variant. With one variant the JSON is
-its summary dict, with several `{"results": [summary, ...]}`. Images that cannot be read are
-misses (logged, counted in `failed_to_read`) and never stop the run.
+`--method` may repeat (coarse and regressor curves then share one plot). For the coarse method
+`--variant` may repeat and `--variant all` runs every variant; the regressor runs the model
+store's promoted version, or `--version V`. With one run the JSON is its summary dict, with
+several `{"results": [summary, ...]}`. Images that cannot be read are misses (logged, counted
+in `failed_to_read`) and never stop the run.
 """
 
 from __future__ import annotations
@@ -47,20 +50,27 @@ from backend.keypoints import FaceKeypoints
 log = logging.getLogger("evaluate")
 
 Predictor = Callable[[np.ndarray], list[FaceKeypoints]]
-METHODS: tuple[str, ...] = ("coarse",)
+METHODS: tuple[str, ...] = ("coarse", "regressor")
 
 
-def method_variants(method: str) -> list[str]:
-    """Every variant a method offers (what `--variant all` expands to)."""
-    if method == "coarse":
-        return list(VARIANTS)
-    raise ValueError(f"unknown method {method!r}")
+def regressor_version(model_dir: Path, version: str | None) -> str:
+    """The version to evaluate: `version` if it exists, else the promoted one.
 
+    Raises ModelStoreError saying what to do when neither is there.
+    """
+    from backend.model_store import ModelStore, ModelStoreError
 
-def default_variant(method: str) -> str:
-    if method == "coarse":
-        return DEFAULT_VARIANT
-    raise ValueError(f"unknown method {method!r}")
+    store = ModelStore(model_dir)
+    if version is not None:
+        return store.get(version).name
+    serving = store.serving()
+    if serving is None:
+        names = [v.name for v in store.versions()]
+        raise ModelStoreError(
+            f"no promoted version in {model_dir}; pass --version (one of: "
+            f"{', '.join(names) or 'none, train one with scripts/train.py'})"
+        )
+    return serving.name
 
 
 def build_predictor(method: str, variant: str, args: argparse.Namespace) -> Predictor:
@@ -69,6 +79,17 @@ def build_predictor(method: str, variant: str, args: argparse.Namespace) -> Pred
         from backend.coarse.detector import CoarseDetector
 
         return CoarseDetector(variant=variant).detect
+    if method == "regressor":
+        from backend.model_store import ModelStore
+        from backend.regressor.detector import RegressorDetector
+        from backend.regressor.network import tf
+        from backend.regressor.version import load_version
+
+        if args.workers > 1:  # processes share the cores: one TF thread pool each
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        version = load_version(ModelStore(args.model_dir).get(variant))
+        return RegressorDetector(version).detect
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -142,15 +163,26 @@ def select_rows(rows: list[TruthRow], limit: int | None, seed: int) -> list[Trut
     return [rows[i] for i in picked]
 
 
-def resolve_variants(method: str, requested: list[str] | None) -> list[str]:
+def resolve_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(method, variant) pairs to run, in order; a regressor's variant is its version name."""
+    runs: list[tuple[str, str]] = []
+    for method in dict.fromkeys(args.method or ["coarse"]):
+        if method == "coarse":
+            runs += [("coarse", v) for v in resolve_variants(args.variant)]
+        else:
+            runs.append(("regressor", regressor_version(args.model_dir, args.version)))
+    return runs
+
+
+def resolve_variants(requested: list[str] | None) -> list[str]:
     if not requested:
-        return [default_variant(method)]
-    available = method_variants(method)
+        return [DEFAULT_VARIANT]
+    available = list(VARIANTS)
     variants: list[str] = []
     for name in requested:
         for variant in available if name == "all" else [name]:
             if variant not in available:
-                raise ValueError(f"unknown {method} variant {variant!r}; choose from {available}")
+                raise ValueError(f"unknown coarse variant {variant!r}; choose from {available}")
             if variant not in variants:
                 variants.append(variant)
     return variants
@@ -178,12 +210,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--csv", type=Path, required=True, help="file,left_x,left_y,right_x,right_y"
     )
     parser.add_argument("--root", type=Path, required=True, help="image paths are relative to it")
-    parser.add_argument("--method", choices=METHODS, default="coarse")
+    parser.add_argument(
+        "--method", choices=METHODS, action="append", help="repeatable (default: coarse)"
+    )
     parser.add_argument(
         "--variant",
         action="append",
-        help=f"repeatable; 'all' for every one (default: {DEFAULT_VARIANT})",
+        help=f"coarse variant, repeatable; 'all' for every one (default: {DEFAULT_VARIANT})",
     )
+    parser.add_argument("--model-dir", type=Path, help="the regressor's model store")
+    parser.add_argument("--version", help="regressor version (default: the promoted one)")
     parser.add_argument("--json", type=Path, required=True, help="summary output")
     parser.add_argument("--plot", type=Path, help="cumulative error distribution PNG")
     parser.add_argument("--limit", type=int, help="evaluate a random subset of N rows")
@@ -194,9 +230,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--limit must be >= 1")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if "regressor" in (args.method or []) and args.model_dir is None:
+        parser.error("--method regressor needs --model-dir")
     try:
-        args.variants = resolve_variants(args.method, args.variant)
-    except ValueError as exc:
+        args.runs = resolve_runs(args)
+    except (ValueError, RuntimeError) as exc:  # ModelStoreError is a RuntimeError
         parser.error(str(exc))
     return args
 
@@ -210,21 +248,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     rows = select_rows(rows, args.limit, args.seed)
-    log.info("%d rows from %s, variants %s", len(rows), args.csv, ", ".join(args.variants))
+    labels = [f"{method}/{variant}" for method, variant in args.runs]
+    log.info("%d rows from %s, runs %s", len(rows), args.csv, ", ".join(labels))
 
     summaries: list[dict] = []
     curves: dict[str, np.ndarray] = {}
-    for variant in args.variants:
-        results = run_variant(rows, args.root, args.method, variant, args)
-        summaries.append(summarise(results, args.method, variant))
-        curves[variant] = np.array([r.error for r in results], dtype=np.float64)
+    for (method, variant), label in zip(args.runs, labels, strict=True):
+        results = run_variant(rows, args.root, method, variant, args)
+        summaries.append(summarise(results, method, variant))
+        curves[label] = np.array([r.error for r in results], dtype=np.float64)
 
     print(format_table(summaries))
     payload = summaries[0] if len(summaries) == 1 else {"results": summaries}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     if args.plot is not None:
-        title = f"{args.method} on {args.csv.name} ({len(rows)} images)"
+        methods = " vs ".join(dict.fromkeys(method for method, _ in args.runs))
+        title = f"{methods} on {args.csv.name} ({len(rows)} images)"
         plot_ced(curves, args.plot, title)
     return 0
 
