@@ -91,35 +91,35 @@ def read_truth_csv(path: str | Path) -> list[TruthRow]:
     return rows
 
 
-_LAST_INDEX = re.compile(r"_\d+$")
+# LFW file names: First_Last_0001 (a capitalised first name, more name parts, 4 digits).
+_LFW_NAME = re.compile(r"([A-Z][\w'.-]*(?:_[A-Za-z][\w'.-]*)+)_\d{4}")
 
 
 def person_of(file: str) -> str:
-    """The split group of an MTFL-style file name.
+    """Who a labelled file shows, for splits that keep each person on one side.
 
-    LFW names are `<First_Last>_<NNNN>.jpg`: the person. Other names (`net_7876/12_0_1.jpg`)
-    name no person; they are grouped by directory and name without its last `_<n>` (which
-    keeps faces cut from one photo together, if that is what the suffix numbers).
+    LFW names (`Aaron_Guiel_0001.jpg`) name the person; any other file is its own group (MTFL's
+    web images are all different people, and nothing better is known about a user's files).
     """
-    stem = Path(file).stem
-    match = re.fullmatch(r"(.+)_\d{4}", stem)
-    if match:
-        return match.group(1)
-    return f"{Path(file).parent.name}/{_LAST_INDEX.sub('', stem)}"
+    match = _LFW_NAME.fullmatch(Path(file).stem)
+    return match.group(1) if match else file
 
 
 def group_split(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A boolean mask selecting about `fraction` of the rows, whole groups at a time.
 
     Each group is assigned by a hash of (seed, group), so the split of a face does not change
-    when other faces are added: a face kept aside once stays aside.
+    when other faces are added: a face kept aside once stays aside. With two or more groups
+    both sides get at least one (the groups hashing nearest the threshold move over).
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), not {fraction}")
     threshold = int(fraction * 2**32)
-    picked = {
-        g: zlib.crc32(f"{seed}:{g}".encode()) < threshold for g in dict.fromkeys(groups.tolist())
-    }
+    hashes = {g: zlib.crc32(f"{seed}:{g}".encode()) for g in dict.fromkeys(groups.tolist())}
+    picked = {g: h < threshold for g, h in hashes.items()}
+    if len(hashes) >= 2 and len(set(picked.values())) == 1:
+        nearest = min(hashes, key=lambda g: abs(hashes[g] - threshold))
+        picked[nearest] = not picked[nearest]
     return np.array([picked[g] for g in groups.tolist()], dtype=bool)
 
 

@@ -36,6 +36,7 @@ from backend.image_source import IMAGE_TOO_LARGE, ImageSource, ImageSourceError
 from backend.images import ImageError, ImageTooLarge, load_image
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
 from backend.metrics import IMAGE_UNREADABLE, INTERNAL, NO_IMAGE_FIELD, Metrics
+from backend.serving import Served, regressor_serving
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,6 @@ class PupilModel:
                 f"{sorted(VARIANTS)}"
             )
         self.label_config = label_config
-        self.model_version = model_version(self.settings.coarse_variant)
         self.source = source or shared_image_source(self.settings)
         self.metrics = metrics
         self._targets: LabelTargets | None = None
@@ -273,6 +273,19 @@ class PupilModel:
         """Parse the label config; raises ConfigError naming what is missing. No model work."""
         if self.label_config is not None:
             self._targets = parse_label_config(self.label_config)
+
+    def served(self) -> Served:
+        """The model answering now: the promoted regressor in MODEL_DIR, else the coarse one."""
+        regressor = regressor_serving(self.settings.model_dir).current()
+        if regressor is not None:
+            return regressor
+        variant = self.settings.coarse_variant
+        return Served(model_version(variant), lambda grey: detect_faces(variant, grey))
+
+    @property
+    def model_version(self) -> str:
+        """What this model's predictions are stamped with now."""
+        return self.served().model_version
 
     @property
     def targets(self) -> LabelTargets:
@@ -297,13 +310,14 @@ class PupilModel:
         try:
             data = self.source.fetch(_image_reference(task, targets), _presign_id(task_id))
             image = load_image(data, self.source.limits)
-            faces = detect_faces(self.settings.coarse_variant, image.grey)
+            served = self.served()
+            faces = served.detect(image.grey)
             prediction = results.prediction(
                 faces,
                 image.width,
                 image.height,
                 targets.spec,
-                self.model_version,
+                served.model_version,
                 results.region_id_prefix(task_id),
             )
         except (TaskError, ImageSourceError) as e:

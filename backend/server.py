@@ -34,9 +34,9 @@ from backend.metrics import Metrics, no_queue, reset_multiproc_dir, worker_exite
 from backend.model import (
     ConfigError,
     PupilModel,
-    model_version,
     warm_up,
 )
+from backend.model_store import ModelStore
 from backend.settings import Settings
 
 # Named explicitly: under `python -m backend.server` __name__ is "__main__".
@@ -85,7 +85,6 @@ def create_app(
     a job queue exists)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    version = model_version(settings.coarse_variant)
     metrics = Metrics(multiproc_dir=settings.prometheus_multiproc_dir, queue_depth=queue_depth)
     source = ImageSource(settings)  # one per app: its cache and token outlive each request
     PupilModel(None, settings, source=source)  # checks COARSE_VARIANT now, not at first use
@@ -204,7 +203,12 @@ def create_app(
 
     @app.get("/versions")
     def versions():
-        return {"versions": [version]}
+        """The version serving now first, then every trained version, newest first."""
+        serving = new_model(None).model_version
+        trained = [v.name for v in ModelStore(settings.model_dir).versions()] if (
+            settings.model_dir / "versions"
+        ).is_dir() else []  # fmt: skip
+        return {"versions": [serving, *(name for name in trained if name != serving)]}
 
     @app.get("/metrics")
     def prometheus_metrics():
@@ -310,7 +314,7 @@ def gunicorn_options(settings: Settings) -> dict:
             everywhere,
             settings.workers,
             settings.threads,
-            model_version(settings.coarse_variant),
+            PupilModel(None, settings).model_version,
         )
 
     options = {

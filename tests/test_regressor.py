@@ -212,7 +212,9 @@ def test_people_stay_on_one_side_of_a_split():
     ]
     groups = np.array([person_of(f) for f in files])
     assert set(groups[:5]) == {"Ann_Smith"}
-    assert person_of("net_7876/_-20_1045_3.jpg") == "net_7876/_-20_1045"
+    assert person_of("lfw_5590/Luiz_Inacio_Lula_da_Silva_0012.jpg") == "Luiz_Inacio_Lula_da_Silva"
+    for own in ("net_7876/_-20_1045_3.jpg", "img_0001.jpg", "IMG_0001.jpg", "a/face_000.png"):
+        assert person_of(own) == own
     mask = group_split(groups, 0.25, seed=0)
     assert mask[:5].all() or not mask[:5].any()
     assert 0.15 < mask.mean() < 0.35
@@ -221,3 +223,7 @@ def test_people_stay_on_one_side_of_a_split():
     assert np.array_equal(more[:-1], mask)
     with pytest.raises(ValueError):
         group_split(groups, 1.0, seed=0)
+    # tiny sets still get both sides
+    for n in range(2, 12):
+        mask = group_split(np.array([f"f{i}" for i in range(n)]), 0.05, seed=0)
+        assert 0 < mask.sum() < n
