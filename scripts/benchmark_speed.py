@@ -1,12 +1,15 @@
 """Speed of the coarse pipeline against dlib's face detection alone, on 640x480 one-face photos.
 
-    python scripts/benchmark_speed.py --csv CSV --root DIR [--n 200] [--json OUT.json]
+    python scripts/benchmark_speed.py --csv CSV --root DIR [--n 200] [--json OUT.json] \
+        [--model-dir DIR [--version V]]
 
 Each labelled face photo is scaled to 480 px high and centred on a 640x480 canvas (edges
 replicated), encoded as JPEG, then timed in one interleaved run so machine noise hits both
 sides alike: dlib's HOG detector alone (`detector(grey, 0)`), our face stage (detection ladder
 + landmarks), the whole coarse pipeline from decoded pixels, and the same with JPEG decoding.
-The headline is the ratio of medians: pipeline / detection alone.
+The headline is the ratio of medians: pipeline / detection alone. With `--model-dir` the
+regressor's whole pipeline (promoted version, or `--version`) is timed in the same loop, and
+`regressor_added_ms_per_face` is its median extra time per face over the coarse pipeline.
 """
 
 from __future__ import annotations
@@ -63,7 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model-dir", type=Path, help="also time this store's regressor")
+    parser.add_argument("--version", help="regressor version (default: the promoted one)")
     args = parser.parse_args(argv)
+    fine = None
+    if args.model_dir is not None:
+        from backend.model_store import ModelStore, ModelStoreError
+        from backend.regressor.detector import RegressorDetector
+        from backend.regressor.version import load_version
+
+        store = ModelStore(args.model_dir)
+        try:
+            version = store.get(args.version) if args.version else store.serving()
+        except ModelStoreError as exc:
+            parser.error(str(exc))
+        if version is None:
+            parser.error(f"no promoted version in {args.model_dir}; pass --version")
+        fine = RegressorDetector(load_version(version), coarse=CoarseDetector())
 
     rows = read_truth_csv(args.csv)
     rng = np.random.default_rng(args.seed)
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "faces": [],
         "pipeline": [],
         "decode+pipeline": [],
+        **({"regressor_pipeline": []} if fine else {}),
     }
     one_face = 0
     for row in tqdm(picked, desc="images"):
@@ -88,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         timings["decode+pipeline"].append(
             best_of(lambda j=jpeg: coarse.detect(load_image(j).grey), args.repeats)
         )
+        if fine is not None:
+            fine.detect(grey)  # first call per batch size traces the graph
+            timings["regressor_pipeline"].append(
+                best_of(lambda g=grey: fine.detect(g), args.repeats)
+            )
     medians = {k: float(np.median(v)) for k, v in timings.items()}
     report = {
         "images": len(picked),
@@ -100,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             np.median(np.array(timings["pipeline"]) / np.array(timings["detect_only"]))
         ),
     }
+    if fine is not None:
+        extra = np.array(timings["regressor_pipeline"]) - np.array(timings["pipeline"])
+        report["regressor_version"] = fine.version.name
+        report["regressor_added_ms_per_face"] = float(np.median(extra))
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

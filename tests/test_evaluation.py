@@ -260,3 +260,37 @@ def test_evaluate_script_end_to_end(tmp_path):
         assert s["variant"] in proc.stdout
     assert "broken.jpg" in proc.stderr
     assert out_png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_split_csv_keeps_people_apart_and_loses_no_row(tmp_path):
+    names = [f"lfw/Person_{chr(65 + p)}_{k:04d}.jpg" for p in range(12) for k in range(1, 4)]
+    names += [f"web/img_{i}.jpg" for i in range(30)]
+    lines = ["file,left_x,left_y,right_x,right_y,pose"]
+    lines += [f"{n},10,10,30,10,{i % 5}" for i, n in enumerate(names)]
+    source = tmp_path / "eyes.csv"
+    source.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "split_csv.py"), "--csv", str(source),
+         "--out-dir", str(tmp_path / "split"), "--test-fraction", "0.3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    train = (tmp_path / "split" / "train.csv").read_text().splitlines()
+    test = (tmp_path / "split" / "test.csv").read_text().splitlines()
+    assert train[0] == test[0] == lines[0]
+    assert sorted(train[1:] + test[1:]) == sorted(lines[1:])
+    people = [{line.split(",")[0].rsplit("_", 1)[0] for line in part[1:] if "lfw" in line}
+              for part in (train, test)]  # fmt: skip
+    assert people[0] and people[1] and not people[0] & people[1]
+    summary = json.loads(proc.stdout)
+    assert summary["train_rows"] + summary["test_rows"] == len(names)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,left_x\nx.jpg,1\n")
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "split_csv.py"), "--csv", str(bad),
+         "--out-dir", str(tmp_path / "nothing")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "missing column" in refused.stderr
+    assert not (tmp_path / "nothing").exists()

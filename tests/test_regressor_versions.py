@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from face_dataset import write_dataset
+from synthetic_eyes import dot_samples
 
 from backend.model_store import ModelStore, ModelStoreError
 from backend.regressor.network import NetworkConfig, build_network, tf
 from backend.regressor.training import TrainConfig, fit, predict_samples
 from backend.regressor.version import BACKBONE, WEIGHTS, load_version, write_version
-from tests.face_dataset import write_dataset
-from tests.test_regressor import dot_samples
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -290,3 +290,17 @@ def test_server_serves_the_promoted_regressor_and_falls_back_to_coarse(trained, 
     ModelStore(model_dir).promote(summary["model_version"], reason="test")
     (again,) = client.post("/predict", json=body).get_json()["results"]
     assert again["model_version"] == summary["model_version"]
+
+
+def test_speed_benchmark_times_the_regressor_beside_the_coarse_pipeline(trained, faces, tmp_path):
+    store_dir, summary = trained
+    out = tmp_path / "speed.json"
+    proc = run_script(
+        "benchmark_speed.py", "--csv", str(faces), "--root", str(faces.parent), "--n", "3",
+        "--repeats", "1", "--json", str(out), "--model-dir", str(store_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["regressor_version"] == summary["model_version"]
+    assert report["median_ms"]["regressor_pipeline"] > 0
+    assert np.isfinite(report["regressor_added_ms_per_face"])
