@@ -43,5 +43,9 @@ def dot_samples(n: int, seed: int) -> FaceSamples:
         coarse=truth + rng.normal(0, 2.0, truth.shape).astype(np.float32),
         coarse_confidence=np.full((n, 2), 0.5, np.float32),
         scale=np.full((n, 2), 2.0, np.float32),
+        # crops at 2 crop px per image px, no roll; row 0 (left_pupil's eye) is mirrored
+        to_image=np.tile(
+            np.array([np.diag([-0.5, 0.5]), np.diag([0.5, 0.5])], np.float32), (n, 1, 1, 1)
+        ),  # fmt: skip
         interocular=np.full(n, 60.0, np.float32),
     )

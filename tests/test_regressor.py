@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from synthetic_eyes import dark_dots, dot_samples
@@ -11,7 +13,13 @@ from backend.regressor.augment import NONE, Augmentation, augment, centre_crops,
 from backend.regressor.crops import MODEL_GEOMETRY, face_crops, mirror_points
 from backend.regressor.inference import predict_crops
 from backend.regressor.network import NetworkConfig, SoftArgmax, build_network, keras, tf
-from backend.regressor.training import TrainConfig, face_errors, fit, predict_samples
+from backend.regressor.training import (
+    TrainConfig,
+    face_errors,
+    fit,
+    label_offset,
+    predict_samples,
+)
 
 IN_W, IN_H = MODEL_GEOMETRY.size
 
@@ -129,11 +137,17 @@ def dots_train_val():
     return dot_samples(160, seed=10), dot_samples(40, seed=11)
 
 
-def test_training_learns_to_find_a_dark_pupil(dots_train_val):
-    """A real fit: after a few epochs the network finds the dot far better than chance."""
+@pytest.fixture(scope="module")
+def dots_model(dots_train_val):
     train, val = dots_train_val
     config = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3)
-    model, history = fit(train, val, config, progress=False)
+    return fit(train, val, config, progress=False)
+
+
+def test_training_learns_to_find_a_dark_pupil(dots_train_val, dots_model):
+    """A real fit: after a few epochs the network finds the dot far better than chance."""
+    train, val = dots_train_val
+    model, history = dots_model
     prediction = predict_samples(model, val)
     pixel_errors = np.linalg.norm(prediction.xy - val.truth, axis=-1)
     untrained = predict_samples(build_network(NetworkConfig()), val)
@@ -144,6 +158,25 @@ def test_training_learns_to_find_a_dark_pupil(dots_train_val):
     # face_errors: the worse eye in image pixels over the interocular distance
     expected = (pixel_errors / val.scale).max(axis=1) / val.interocular
     np.testing.assert_allclose(face_errors(prediction.xy, val), expected, rtol=1e-6)
+
+
+def test_label_offset_recovers_a_labelling_convention_in_image_axes(dots_train_val, dots_model):
+    """Labels 1.5 px right of the pupil in the IMAGE: + in one crop, - in the mirrored one."""
+    train, val = dots_train_val
+    model, _ = dots_model
+    shift = np.array([1.5, 0.0])
+    shifted = dataclasses.replace(train, truth=train.truth + train.image_offset_to_crop(shift))
+    np.testing.assert_allclose(shifted.truth[:, 0, 0] - train.truth[:, 0, 0], -3.0, rtol=1e-5)
+    np.testing.assert_allclose(shifted.truth[:, 1, 0] - train.truth[:, 1, 0], 3.0, rtol=1e-5)
+    offset = label_offset(model, shifted, "truth")
+    np.testing.assert_allclose(offset, shift, atol=0.4)
+    plain = predict_samples(model, val).xy
+    moved = predict_samples(model, val, offset).xy
+    np.testing.assert_allclose(
+        val.crop_to_image_offset(moved - plain)[:, :, :],
+        np.broadcast_to(offset, moved.shape),
+        atol=1e-4,
+    )
 
 
 def test_a_fixed_seed_gives_the_same_model(dots_train_val):

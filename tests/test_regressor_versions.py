@@ -68,7 +68,7 @@ def test_hub_backbone_trains_saves_and_reloads_offline(hub_modules, tmp_path, ki
     assert np.isfinite(history[0]["loss_px"])
     before = predict_samples(model, val).xy
     store = ModelStore(tmp_path / "store")
-    written = write_version(store, model, network, np.zeros(6), {"metrics": {}})
+    written = write_version(store, model, network, np.zeros(6), np.zeros(2), {"metrics": {}})
     assert (written.path / BACKBONE / "saved_model.pb").is_file()
     shutil.rmtree(module)  # the version must not need the original handle any more
     loaded = load_version(store.get(written.name))
@@ -90,7 +90,9 @@ def test_a_hub_module_of_the_wrong_shape_is_refused(tmp_path):
 def test_unusable_versions_are_refused_with_a_reason(tmp_path):
     store = ModelStore(tmp_path)
     model = build_network(NetworkConfig())
-    version = write_version(store, model, NetworkConfig(), np.zeros(6), {"metrics": {}})
+    version = write_version(
+        store, model, NetworkConfig(), np.zeros(6), np.zeros(2), {"metrics": {}}
+    )
     (version.path / WEIGHTS).write_bytes(b"not hdf5")
     with pytest.raises(ModelStoreError, match="weights unusable"):
         load_version(store.get(version.name))

@@ -51,6 +51,15 @@ class FaceCrops:
         """(N, 2) points in crop `row`'s canonical frame -> image pixels."""
         return self.crops[row].map_to_image(self.to_canonical(row, xy))
 
+    def linear_to_image(self, row: int) -> np.ndarray:
+        """The 2x2 linear part of crop `row`'s canonical frame -> image map (scale, roll, mirror).
+
+        It turns a canonical displacement into an image displacement: an offset that labels
+        make in image pixels is the same for both eyes only in image axes.
+        """
+        linear = self.crops[row].to_image[:, :2]
+        return linear @ np.diag([-1.0, 1.0]) if MIRRORED[row] else linear.copy()
+
     def from_image(self, row: int, xy: np.ndarray) -> np.ndarray:
         """(N, 2) image pixels -> crop `row`'s canonical frame."""
         return self.to_canonical(row, self.crops[row].map_to_crop(xy))

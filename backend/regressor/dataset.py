@@ -36,8 +36,9 @@ class FaceSamples:
     """N labelled faces, two canonical eye crops each (row 0: left_pupil's eye, mirrored).
 
     Points are (x, y) in the source crop's canonical frame. `scale` is crop pixels per image
-    pixel per eye, so a crop distance / scale is an image distance; `interocular` is the true
-    pupil distance in image pixels (the unit of the normalised error e).
+    pixel per eye, so a crop distance / scale is an image distance; `to_image` maps a canonical
+    displacement to an image one; `interocular` is the true pupil distance in image pixels (the
+    unit of the normalised error e).
     """
 
     files: np.ndarray  # (N,) str
@@ -47,6 +48,7 @@ class FaceSamples:
     coarse: np.ndarray  # (N, 2, 2) float32
     coarse_confidence: np.ndarray  # (N, 2) float32: the coarse detector's per-eye confidence
     scale: np.ndarray  # (N, 2) float32
+    to_image: np.ndarray  # (N, 2, 2, 2) float32: per eye, canonical -> image displacements
     interocular: np.ndarray  # (N,) float32
 
     def __len__(self) -> int:
@@ -55,6 +57,14 @@ class FaceSamples:
     def subset(self, index: np.ndarray) -> FaceSamples:
         """The faces at `index` (an integer or boolean array)."""
         return FaceSamples(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def image_offset_to_crop(self, offset: np.ndarray) -> np.ndarray:
+        """(N, 2, 2) canonical displacements equal to one (dx, dy) image displacement."""
+        return np.einsum("neij,j->nei", np.linalg.inv(self.to_image), np.asarray(offset))
+
+    def crop_to_image_offset(self, delta: np.ndarray) -> np.ndarray:
+        """(N, 2, 2) canonical displacements -> the same displacements in image pixels."""
+        return np.einsum("neij,nej->nei", self.to_image, np.asarray(delta))
 
     def targets(self, labels: str) -> np.ndarray:
         """(N, 2, 2) points to learn: "truth" (people's labels) or "coarse" (the detector's)."""
@@ -125,6 +135,7 @@ def face_sample(detector: CoarseDetector, grey: np.ndarray, row: TruthRow) -> di
         "coarse": np.stack([crops.from_image(r, coarse_image[r])[0] for r in (0, 1)]),
         "coarse_confidence": keypoints.confidences[:2],
         "scale": np.array([c.scale for c in crops.crops]),
+        "to_image": np.stack([crops.linear_to_image(r) for r in (0, 1)]),
         "interocular": float(np.linalg.norm(row.left - row.right)),
     }
 
@@ -187,5 +198,6 @@ def stack_samples(found: Sequence[dict]) -> FaceSamples:
             [s["coarse_confidence"] for s in found], dtype=np.float32
         ).reshape(-1, 2),
         scale=np.array([s["scale"] for s in found], dtype=np.float32).reshape(-1, 2),
+        to_image=np.array([s["to_image"] for s in found], dtype=np.float32).reshape(-1, 2, 2, 2),
         interocular=np.array([s["interocular"] for s in found], dtype=np.float32),
     )

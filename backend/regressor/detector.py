@@ -42,7 +42,8 @@ class RegressorDetector:
         results = []
         for i, (face, kp, fc) in enumerate(zip(faces, coarse, crops, strict=True)):
             rows = slice(2 * i, 2 * i + 2)
-            xy = out.xy[rows]
+            offset = self.version.label_offset
+            xy = out.xy[rows] + [np.linalg.solve(fc.linear_to_image(r), offset) for r in (0, 1)]
             coarse_xy = np.stack([fc.from_image(r, kp.points[r])[0] for r in (0, 1)])
             cues = EyeCues(
                 spread=out.spread[rows] / eye_width,

@@ -39,6 +39,7 @@ class RegressorVersion:
     model: keras.Model
     network: NetworkConfig
     calibration: np.ndarray
+    label_offset: np.ndarray  # (dx, dy) image pixels added to every pupil
     metadata: Mapping[str, Any]
 
 
@@ -58,6 +59,7 @@ def write_version(
     model: keras.Model,
     network: NetworkConfig,
     calibration: np.ndarray,
+    label_offset: np.ndarray,
     metadata: Mapping[str, Any],
 ) -> ModelVersion:
     """Save a trained network as a new version (atomically); returns it."""
@@ -75,6 +77,7 @@ def write_version(
         "network": network.to_json(),
         "preprocessing": preprocessing(),
         "calibration": coefficients_json(calibration),
+        "label_offset_px": [float(v) for v in label_offset],
     }
     return store.create(write, full)
 
@@ -87,6 +90,9 @@ def load_version(version: ModelVersion) -> RegressorVersion:
     try:
         network = NetworkConfig.from_json(meta["network"])
         calibration = coefficients_from_json(meta["calibration"])
+        offset = np.array(meta.get("label_offset_px", [0.0, 0.0]), dtype=np.float64)
+        if offset.shape != (2,) or not np.all(np.isfinite(offset)):
+            raise ValueError(f"label_offset_px must be two finite numbers, not {offset}")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelStoreError(f"model version {version.name!r}: bad metadata: {e}") from None
     if network.backbone != COMPACT:
@@ -105,5 +111,6 @@ def load_version(version: ModelVersion) -> RegressorVersion:
         model=model,
         network=network,
         calibration=calibration,
+        label_offset=offset,
         metadata=meta,
     )
