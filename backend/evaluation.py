@@ -258,3 +258,39 @@ def plot_ced(curves: Mapping[str, np.ndarray], path: str | Path, title: str) -> 
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
+
+
+def plot_learning_curve(
+    history: Sequence[Mapping[str, float]], path: str | Path, title: str
+) -> None:
+    """Training loss (px, left axis) and validation e05/e10 (right axis) per epoch, as a PNG.
+
+    `history` holds one record per epoch: `epoch`, `loss_px` and, on some epochs, `val_e05`
+    and `val_e10` (as `backend.regressor.training.fit` returns them).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["loss_px"] for r in history], color="tab:grey", label="training loss (px)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("L1 loss, crop pixels")
+    ax.grid(True, alpha=0.3)
+    right = ax.twinx()
+    for key, colour in (("val_e05", "tab:blue"), ("val_e10", "tab:green")):
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            right.plot(xs, ys, marker="o", color=colour, label=f"validation {key[4:]}")
+    right.set_ylim(0.0, 1.0)
+    right.set_ylabel("fraction of validation faces")
+    handles = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], loc="center right", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")

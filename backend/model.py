@@ -42,7 +42,7 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 PACKAGE = "pupil-backend"
-TRAINING_REASON = "training arrives with the regressor"
+TRAINING_REASON = "training from webhooks is not wired yet; train with scripts/train.py"
 
 
 # How load_image's own messages start when an image is over the byte or pixel limit.

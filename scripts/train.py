@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -31,8 +31,11 @@ except ImportError:  # run as `python scripts/train.py` from a checkout
 
 from backend.evaluation import group_split, read_truth_csv
 from backend.model_store import ModelStore
-from backend.regressor.network import COMPACT, NetworkConfig
-from backend.regressor.training import TrainConfig, train_version
+from backend.regressor.dataset import build_samples
+
+# TensorFlow is imported in main(), not here: the crop workers are spawned processes that
+# import this module again, and do not need it.
+DEFAULT_EPOCHS = 40
 
 log = logging.getLogger("train")
 
@@ -45,15 +48,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, required=True, help="image paths are relative to it")
     parser.add_argument("--model-dir", type=Path, required=True, help="the model store (MODEL_DIR)")
     parser.add_argument("--labels", choices=("truth", "coarse"), default="truth")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument(
-        "--backbone", default=COMPACT, help="'compact' (default) or a TF-Hub handle / directory"
+        "--backbone", default="compact", help="'compact' (default) or a TF-Hub handle / directory"
     )
     parser.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="people held out")
     parser.add_argument("--limit", type=int, help="use only the first N rows of the CSV")
     parser.add_argument("--workers", type=int, default=2, help="processes cutting eye crops")
     parser.add_argument("--promote", action="store_true", help="make the new version serve")
+    parser.add_argument("--plot", type=Path, help="learning curve PNG (loss, val e05/e10)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -75,14 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     rows = rows[: args.limit] if args.limit else rows
-    config = TrainConfig(
-        labels=args.labels,
-        epochs=args.epochs,
-        seed=args.seed,
-        network=replace(NetworkConfig(), backbone=args.backbone),
-    )
-    from backend.regressor.dataset import build_samples
-
     samples, skipped = build_samples(rows, args.root, args.workers, progress=not args.quiet)
     val = group_split(samples.groups, args.val_fraction, seed=args.seed + 1)
     if val.all() or not val.any():
@@ -94,10 +90,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": len(rows),
         "skipped": len(skipped),
     }
+    from backend.regressor.network import NetworkConfig
+    from backend.regressor.training import TrainConfig, train_version
+
+    config = TrainConfig(
+        labels=args.labels,
+        epochs=args.epochs,
+        seed=args.seed,
+        network=replace(NetworkConfig(), backbone=args.backbone),
+    )
     store = ModelStore(args.model_dir)
     version, summary = train_version(
         store, samples.subset(~val), samples.subset(val), config, source, progress=not args.quiet
     )
+    if args.plot is not None:
+        from backend.evaluation import plot_learning_curve
+
+        history = version.metadata["training"]["history"]
+        plot_learning_curve(history, args.plot, f"{version.name} ({config.labels} labels)")
     if args.promote:
         store.promote(
             version.name, reason=f"scripts/train.py --promote (val_e10 {summary['val_e10']:.3f})"
@@ -112,7 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "backbone": config.network.backbone},
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
-    _ = asdict
     print(json.dumps(summary, indent=2, allow_nan=False))
     return 0
 

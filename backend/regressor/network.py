@@ -38,7 +38,7 @@ class NetworkConfig:
     input_height: int = 40
     input_width: int = 64
     backbone: str = COMPACT  # "compact" or a TF-Hub handle / SavedModel directory
-    widths: tuple[int, ...] = (16, 32, 64, 96)  # compact: channels per resolution level
+    widths: tuple[int, ...] = (8, 16, 32, 64)  # compact: channels per resolution level
     # A TF-Hub module sees the crop resized to this (height, width), as RGB in [0, 1].
     hub_input_size: tuple[int, int] = (96, 160)
     hub_trainable: bool = False
