@@ -261,12 +261,16 @@ def plot_ced(curves: Mapping[str, np.ndarray], path: str | Path, title: str) -> 
 
 
 def plot_learning_curve(
-    history: Sequence[Mapping[str, float]], path: str | Path, title: str
+    history: Sequence[Mapping[str, float]],
+    path: str | Path,
+    title: str,
+    final: Mapping[str, float] | None = None,
 ) -> None:
     """Training loss (px, left axis) and validation e05/e10 (right axis) per epoch, as a PNG.
 
     `history` holds one record per epoch: `epoch`, `loss_px` and, on some epochs, `val_e05`
-    and `val_e10` (as `backend.regressor.training.fit` returns them).
+    and `val_e10` (as `backend.regressor.training.fit` returns them: the raw network, before
+    the label offset). `final` ({val_e05, val_e10}) marks the finished version's scores.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -280,12 +284,19 @@ def plot_learning_curve(
     ax.set_ylabel("L1 loss, crop pixels")
     ax.grid(True, alpha=0.3)
     right = ax.twinx()
+    lowest = 1.0
     for key, colour in (("val_e05", "tab:blue"), ("val_e10", "tab:green")):
         points = [(r["epoch"], r[key]) for r in history if key in r]
         if points:
             xs, ys = zip(*points, strict=True)
-            right.plot(xs, ys, marker="o", color=colour, label=f"validation {key[4:]}")
-    right.set_ylim(0.0, 1.0)
+            right.plot(xs, ys, marker="o", color=colour, label=f"validation {key[4:]} (network)")
+            lowest = min(lowest, *ys)
+        if final is not None and key in final:
+            label = f"version's {key[4:]} (with label offset)"
+            right.plot([epochs[-1]], [final[key]], marker="*", markersize=14, color=colour,
+                       linestyle="none", label=label)  # fmt: skip
+            lowest = min(lowest, final[key])
+    right.set_ylim(max(0.0, lowest - 0.1), 1.0)
     right.set_ylabel("fraction of validation faces")
     handles = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()

@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend.evaluation import plot_learning_curve
 
         history = version.metadata["training"]["history"]
-        plot_learning_curve(history, args.plot, f"{version.name} ({config.labels} labels)")
+        title = f"{version.name} ({config.labels} labels, {summary['train_size']} faces)"
+        plot_learning_curve(history, args.plot, title, final=summary)
     if args.promote:
         store.promote(
             version.name, reason=f"scripts/train.py --promote (val_e10 {summary['val_e10']:.3f})"

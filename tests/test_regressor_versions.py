@@ -311,3 +311,16 @@ def test_speed_benchmark_times_the_regressor_beside_the_coarse_pipeline(trained,
     assert report["regressor_version"] == summary["model_version"]
     assert report["median_ms"]["regressor_pipeline"] > 0
     assert np.isfinite(report["regressor_added_ms_per_face"])
+
+
+def test_offset_ablation_scores_four_models_on_the_same_faces(trained, faces):
+    store_dir, summary = trained
+    proc = run_script("offset_ablation.py", "--csv", str(faces), "--root", str(faces.parent),
+                      "--model-dir", str(store_dir), "--workers", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["version"] == summary["model_version"] and report["found_faces"] == 36
+    assert report["label_offset_px"] == pytest.approx(summary["label_offset_px"], abs=1e-3)
+    for name in ("coarse", "coarse + label offset", "network alone",
+                 "network + label offset (the version)"):  # fmt: skip
+        assert set(report[name]) == {"e05", "e10", "e25"}
