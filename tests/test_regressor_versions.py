@@ -324,3 +324,14 @@ def test_offset_ablation_scores_four_models_on_the_same_faces(trained, faces):
     for name in ("coarse", "coarse + label offset", "network alone",
                  "network + label offset (the version)"):  # fmt: skip
         assert set(report[name]) == {"e05", "e10", "e25"}
+
+
+def test_compare_heads_trains_both_heads_on_the_same_split(faces):
+    proc = run_script("compare_heads.py", "--csv", str(faces), "--root", str(faces.parent),
+                      "--epochs", "1", "--test-fraction", "0.3", "--workers", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["train_faces"] + report["test_faces"] == 36
+    for head in ("heatmap", "dense"):
+        assert set(report[head]) >= {"e05", "e10", "e25", "weights"}
+    assert report["heatmap"]["weights"] != report["dense"]["weights"]
