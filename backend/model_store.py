@@ -167,6 +167,22 @@ class ModelStore:
             log.warning("serving version unusable, serving the fallback: %s", e)
             return None
 
+    def chosen(self, name: str | None) -> ModelVersion:
+        """Version `name`, or the promoted one when `name` is None (what scripts act on).
+
+        Raises ModelStoreError saying what to pass when there is no such version.
+        """
+        if name is not None:
+            return self.get(name)
+        serving = self.serving()
+        if serving is None:
+            names = [v.name for v in self.versions()]
+            raise ModelStoreError(
+                f"no promoted version in {self.root}; pass --version (one of: "
+                f"{', '.join(names) or 'none, train one with scripts/train.py'})"
+            )
+        return serving
+
     def decisions(self) -> list[dict[str, Any]]:
         """Promotions and rejections, oldest first (torn trailing lines are skipped)."""
         path = self.root / DECISIONS

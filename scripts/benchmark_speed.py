@@ -75,13 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from backend.regressor.detector import RegressorDetector
         from backend.regressor.version import load_version
 
-        store = ModelStore(args.model_dir)
         try:
-            version = store.get(args.version) if args.version else store.serving()
+            version = ModelStore(args.model_dir).chosen(args.version)
         except ModelStoreError as exc:
             parser.error(str(exc))
-        if version is None:
-            parser.error(f"no promoted version in {args.model_dir}; pass --version")
         fine = RegressorDetector(load_version(version), coarse=CoarseDetector())
 
     rows = read_truth_csv(args.csv)

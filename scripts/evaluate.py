@@ -53,26 +53,6 @@ Predictor = Callable[[np.ndarray], list[FaceKeypoints]]
 METHODS: tuple[str, ...] = ("coarse", "regressor")
 
 
-def regressor_version(model_dir: Path, version: str | None) -> str:
-    """The version to evaluate: `version` if it exists, else the promoted one.
-
-    Raises ModelStoreError saying what to do when neither is there.
-    """
-    from backend.model_store import ModelStore, ModelStoreError
-
-    store = ModelStore(model_dir)
-    if version is not None:
-        return store.get(version).name
-    serving = store.serving()
-    if serving is None:
-        names = [v.name for v in store.versions()]
-        raise ModelStoreError(
-            f"no promoted version in {model_dir}; pass --version (one of: "
-            f"{', '.join(names) or 'none, train one with scripts/train.py'})"
-        )
-    return serving.name
-
-
 def build_predictor(method: str, variant: str, args: argparse.Namespace) -> Predictor:
     """A function grey uint8 image -> faces; models are loaded here, once."""
     if method == "coarse":
@@ -170,7 +150,9 @@ def resolve_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
         if method == "coarse":
             runs += [("coarse", v) for v in resolve_variants(args.variant)]
         else:
-            runs.append(("regressor", regressor_version(args.model_dir, args.version)))
+            from backend.model_store import ModelStore
+
+            runs.append(("regressor", ModelStore(args.model_dir).chosen(args.version).name))
     return runs
 
 

@@ -23,7 +23,7 @@ except ImportError:  # run as `python scripts/offset_ablation.py` from a checkou
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.evaluation import THRESHOLDS, read_truth_csv
-from backend.model_store import ModelStore
+from backend.model_store import ModelStore, ModelStoreError
 from backend.regressor.dataset import build_samples
 
 
@@ -35,10 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", help="default: the promoted version")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    store = ModelStore(args.model_dir)
-    stored = store.get(args.version) if args.version else store.serving()
-    if stored is None:
-        parser.error(f"no promoted version in {args.model_dir}; pass --version")
+    try:
+        stored = ModelStore(args.model_dir).chosen(args.version)
+    except ModelStoreError as exc:
+        parser.error(str(exc))
     samples, _ = build_samples(read_truth_csv(args.csv), args.root, args.workers)
 
     from backend.regressor.training import face_errors, predict_samples

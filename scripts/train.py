@@ -35,7 +35,6 @@ from backend.regressor.dataset import build_samples
 
 # TensorFlow is imported in main(), not here: the crop workers are spawned processes that
 # import this module again, and do not need it.
-DEFAULT_EPOCHS = 40
 
 log = logging.getLogger("train")
 
@@ -48,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, required=True, help="image paths are relative to it")
     parser.add_argument("--model-dir", type=Path, required=True, help="the model store (MODEL_DIR)")
     parser.add_argument("--labels", choices=("truth", "coarse"), default="truth")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, help="default: TrainConfig.epochs (40)")
     parser.add_argument(
         "--backbone", default="compact", help="'compact' (default) or a TF-Hub handle / directory"
     )
@@ -60,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="learning curve PNG (loss, val e05/e10)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error("--val-fraction must be in (0, 1)")
@@ -95,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = TrainConfig(
         labels=args.labels,
-        epochs=args.epochs,
+        **({"epochs": args.epochs} if args.epochs else {}),
         seed=args.seed,
         network=replace(NetworkConfig(), backbone=args.backbone),
     )

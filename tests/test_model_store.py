@@ -202,3 +202,18 @@ def test_the_store_root_is_created(tmp_path):
     store = ModelStore(root)
     assert (root / "versions").is_dir()
     assert store.versions() == [] and store.decisions() == []
+
+
+def test_chosen_is_the_named_version_or_the_promoted_one(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ModelStoreError, match="no promoted version .* none, train one"):
+        store.chosen(None)
+    first = store.create(lambda d: None, {})
+    second = store.create(lambda d: None, {})
+    with pytest.raises(ModelStoreError, match=f"pass --version .*{second.name}"):
+        store.chosen(None)
+    assert store.chosen(first.name).name == first.name
+    store.promote(first.name, reason="test")
+    assert store.chosen(None).name == first.name
+    with pytest.raises(ModelStoreError, match="does not exist"):
+        store.chosen("v-missing")

@@ -74,21 +74,6 @@ class FaceSamples:
             return self.coarse
         raise ValueError(f"labels must be 'truth' or 'coarse', not {labels!r}")
 
-    def save(self, path: Path) -> None:
-        """Write all arrays to one .npz (a cache for repeated experiments)."""
-        np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
-
-    @classmethod
-    def load(cls, path: Path) -> FaceSamples:
-        with np.load(path, allow_pickle=False) as data:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
-
-    @classmethod
-    def concatenate(cls, parts: Sequence[FaceSamples]) -> FaceSamples:
-        return cls(
-            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)}
-        )
-
 
 # ---------------------------------------------------------------------------------------------
 # Building samples from images

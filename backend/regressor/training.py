@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,6 @@ def fit(
     train: FaceSamples,
     val: FaceSamples | None,
     config: TrainConfig,
-    on_epoch: Callable[[int, dict], None] | None = None,
     progress: bool = True,
 ) -> tuple[keras.Model, list[dict]]:
     """A trained network and one record per epoch (loss, and val e05/e10 when `val` is given).
@@ -101,8 +100,6 @@ def fit(
         history.append(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
         log.info("epoch %s", " ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        if on_epoch is not None:
-            on_epoch(epoch, record)
     return model, history
 
 
