@@ -35,14 +35,16 @@ from backend.coarse import VARIANTS, CoarseDetector
 from backend.image_source import IMAGE_TOO_LARGE, ImageSource, ImageSourceError
 from backend.images import ImageError, ImageTooLarge, load_image
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
+from backend.label_store import label_store
 from backend.metrics import IMAGE_UNREADABLE, INTERNAL, NO_IMAGE_FIELD, Metrics
+from backend.project_dirs import project_dir
 from backend.serving import Served, regressor_serving
 from backend.settings import Settings
+from backend.webhooks import record_event
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "pupil-backend"
-TRAINING_REASON = "training from webhooks is not wired yet; train with scripts/train.py"
 
 
 # How load_image's own messages start when an image is over the byte or pixel limit.
@@ -256,6 +258,7 @@ class PupilModel:
         *,
         source: ImageSource | None = None,
         metrics: Metrics | None = None,
+        project: int | None = None,
     ) -> None:
         self.settings = settings or Settings()
         if self.settings.coarse_variant not in VARIANTS:
@@ -266,6 +269,7 @@ class PupilModel:
         self.label_config = label_config
         self.source = source or shared_image_source(self.settings)
         self.metrics = metrics
+        self.project = project
         self._targets: LabelTargets | None = None
         self.setup()
 
@@ -275,10 +279,16 @@ class PupilModel:
             self._targets = parse_label_config(self.label_config)
 
     def served(self) -> Served:
-        """The model answering now: the promoted regressor in MODEL_DIR, else the coarse one."""
-        regressor = regressor_serving(self.settings.model_dir).current()
-        if regressor is not None:
-            return regressor
+        """The model answering now: the project's promoted regressor (trained from its
+        annotations), else the one promoted in MODEL_DIR (scripts/train.py), else the coarse
+        detector."""
+        roots = [self.settings.model_dir]
+        if self.project is not None:
+            roots.insert(0, project_dir(self.settings.model_dir, self.project))
+        for root in roots:
+            regressor = regressor_serving(root).current()
+            if regressor is not None:
+                return regressor
         variant = self.settings.coarse_variant
         return Served(model_version(variant), lambda grey: detect_faces(variant, grey))
 
@@ -362,11 +372,11 @@ class PupilModel:
         return results.empty_prediction(self.model_version)
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """Training is not implemented yet: every event is acknowledged and ignored."""
-        project = data.get("project") if isinstance(data, dict) else None
-        project_id = project.get("id") if isinstance(project, dict) else project
-        log.info("fit event=%s project=%s outcome=ignored", event, project_id)
-        return {"status": "ignored", "reason": TRAINING_REASON}
+        """Record a Label Studio event (annotation created/updated/deleted, START_TRAINING) in
+        the label store; training happens later in a job (backend/scheduler.py decides when).
+        Raises WebhookError for an event that cannot be read."""
+        outcome = record_event(label_store(self.settings.model_dir), event, data)
+        return outcome.to_json()
 
 
 def _image_reference(task: object, targets: LabelTargets) -> object:

@@ -28,6 +28,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend import basic_auth
 from backend.image_source import ImageSource
+from backend.jobs import job_queue
 from backend.ls_auth import key_kind
 from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from backend.metrics import Metrics, no_queue, reset_multiproc_dir, worker_exited
@@ -36,8 +37,11 @@ from backend.model import (
     PupilModel,
     warm_up,
 )
-from backend.model_store import ModelStore
+from backend.project_dirs import project_of
+from backend.scheduler import Scheduler
 from backend.settings import Settings
+from backend.versions import versions_report
+from backend.webhooks import WebhookError
 
 # Named explicitly: under `python -m backend.server` __name__ is "__main__".
 log = logging.getLogger("backend.server")
@@ -85,7 +89,13 @@ def create_app(
     a job queue exists)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
+    if queue_depth is no_queue:
+
+        def queue_depth() -> int:
+            return job_queue(settings).depth()
+
     metrics = Metrics(multiproc_dir=settings.prometheus_multiproc_dir, queue_depth=queue_depth)
+    scheduler = Scheduler(settings)
     source = ImageSource(settings)  # one per app: its cache and token outlive each request
     PupilModel(None, settings, source=source)  # checks COARSE_VARIANT now, not at first use
     _warn_about(settings)
@@ -97,13 +107,17 @@ def create_app(
     app.config["PUPIL_SETTINGS"] = settings
     app.extensions["pupil_metrics"] = metrics
     app.extensions["pupil_image_source"] = source
+    app.extensions["pupil_scheduler"] = scheduler
 
-    def new_model(label_config: str | None) -> PupilModel:
-        return PupilModel(label_config, settings, source=source, metrics=metrics)
+    def new_model(label_config: str | None, project: object = None) -> PupilModel:
+        return PupilModel(
+            label_config, settings, source=source, metrics=metrics, project=project_of(project)
+        )
 
     @app.before_request
     def start_timer() -> None:
         g.started = time.perf_counter()
+        scheduler.ensure_started()  # pending training left by a restart or a Redis outage
 
     credentials = (settings.basic_auth_user, settings.basic_auth_pass)
 
@@ -158,7 +172,7 @@ def create_app(
         if not isinstance(schema, str) or not schema.strip():
             return _error(400, "'schema' (the project's label config) is required")
         try:
-            model = new_model(schema)
+            model = new_model(schema, body.get("project"))
         except ConfigError as e:
             log.warning("setup project=%s outcome=rejected reason=%s", body.get("project"), e)
             return _error(400, str(e))
@@ -192,7 +206,7 @@ def create_app(
             return _error(400, f"'params' must be an object, got {_json_type(params)}")
         g.tasks = len(tasks)
         try:
-            model = new_model(label_config)
+            model = new_model(label_config, body.get("project"))
         except ConfigError as e:
             return _error(400, str(e))
         kwargs = {k: v for k, v in params.items() if k.isidentifier() and k not in _RESERVED_PARAMS}
@@ -203,12 +217,9 @@ def create_app(
 
     @app.get("/versions")
     def versions():
-        """The version serving now first, then every trained version, newest first."""
-        serving = new_model(None).model_version
-        trained = [v.name for v in ModelStore(settings.model_dir).versions()] if (
-            settings.model_dir / "versions"
-        ).is_dir() else []  # fmt: skip
-        return {"versions": [serving, *(name for name in trained if name != serving)]}
+        """Version names (serving first), then each with its metrics and status, per project."""
+        project = project_of(request.args.get("project", ""))
+        return versions_report(settings, new_model(None, project).model_version, project)
 
     @app.get("/metrics")
     def prometheus_metrics():
@@ -216,13 +227,22 @@ def create_app(
 
     @app.post("/webhook")
     def webhook():
+        """Record the event (durably) and answer at once; training is decided in the background
+        (Label Studio waits one second and never retries)."""
         body = _json_object()
         action = body.get("action")
         if not isinstance(action, str) or not action.strip():
             return _error(400, "'action' (the event name) is required")
         data = {k: v for k, v in body.items() if k != "action"}
-        result = new_model(None).fit(action, data)
-        return {**result, "event": action}
+        try:
+            result = new_model(None).fit(action, data)
+        except WebhookError as e:
+            log.warning("webhook event=%s outcome=rejected reason=%s", action, e)
+            return _error(400, f"{action}: {e}")
+        if result["status"] == "recorded":
+            scheduler.ensure_started()
+            scheduler.notify()
+        return result
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

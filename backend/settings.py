@@ -41,6 +41,17 @@ class Settings:
     image_cache_mb: int = 256  # IMAGE_CACHE_MB: downloaded-image cache; 0 turns it off
     # PROMETHEUS_MULTIPROC_DIR: where prometheus_client's per-worker files go (WORKERS > 1).
     prometheus_multiproc_dir: Path | None = None
+    # The training loop (backend/scheduler.py, backend/retrain.py).
+    # REDIS_URL: jobs go to an RQ queue there (`python -m backend.worker` runs them); unset:
+    # an in-process worker thread runs them.
+    redis_url: str | None = field(default=None, repr=False)
+    train_every: int = 10  # TRAIN_EVERY_N_LABELS: train after N new labels; 0: on request only
+    train_min_labels: int = 10  # TRAIN_MIN_LABELS: human-labelled faces a run needs
+    train_debounce_s: float = 10.0  # TRAIN_DEBOUNCE_S: wait for this much quiet before a run
+    train_epochs: int = 40  # TRAIN_EPOCHS
+    train_coarse_weight: float = 0.3  # TRAIN_COARSE_WEIGHT: unlabelled tasks' weight; 0: none
+    train_max_coarse_tasks: int = 1000  # TRAIN_MAX_COARSE_TASKS: unlabelled tasks used per run
+    train_timeout_s: int = 3600  # TRAIN_TIMEOUT_S: a run taking longer is stopped
 
     def __post_init__(self) -> None:
         if (self.basic_auth_user is None) != (self.basic_auth_pass is None):
@@ -93,6 +104,22 @@ class Settings:
             allowed_image_hosts=_hosts(text("ALLOWED_IMAGE_HOSTS")),
             image_cache_mb=_int(environ, "IMAGE_CACHE_MB", defaults.image_cache_mb, minimum=0),
             prometheus_multiproc_dir=Path(multiproc) if multiproc else None,
+            redis_url=_redis_url(text("REDIS_URL")),
+            train_every=_int(environ, "TRAIN_EVERY_N_LABELS", defaults.train_every, minimum=0),
+            train_min_labels=_int(
+                environ, "TRAIN_MIN_LABELS", defaults.train_min_labels, minimum=2
+            ),
+            train_debounce_s=_float(
+                environ, "TRAIN_DEBOUNCE_S", defaults.train_debounce_s, 0.0, 3600.0
+            ),
+            train_epochs=_int(environ, "TRAIN_EPOCHS", defaults.train_epochs, minimum=1),
+            train_coarse_weight=_float(
+                environ, "TRAIN_COARSE_WEIGHT", defaults.train_coarse_weight, 0.0, 1.0
+            ),
+            train_max_coarse_tasks=_int(
+                environ, "TRAIN_MAX_COARSE_TASKS", defaults.train_max_coarse_tasks, minimum=0
+            ),
+            train_timeout_s=_int(environ, "TRAIN_TIMEOUT_S", defaults.train_timeout_s, minimum=60),
         )
 
 
@@ -111,6 +138,34 @@ def _int(
         upper = f" and at most {maximum}" if maximum is not None else ""
         raise ValueError(f"{name} must be at least {minimum}{upper}, got {value}")
     return value
+
+
+def _float(
+    environ: Mapping[str, str], name: str, default: float, minimum: float, maximum: float
+) -> float:
+    """A number variable in [minimum, maximum], or `default` when unset or blank."""
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise ValueError(f"{name} must be between {minimum:g} and {maximum:g}, got {raw!r}")
+    return value
+
+
+def _redis_url(raw: str | None) -> str | None:
+    """REDIS_URL as redis-py accepts it (redis://, rediss:// or unix://)."""
+    if raw is None:
+        return None
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://), got a "
+            f"{urlsplit(raw).scheme or 'scheme-less'} URL"
+        )
+    return raw
 
 
 def _url(raw: str | None) -> str | None:

@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from backend.coarse.detector import CoarseDetector
 from backend.evaluation import TruthRow, person_of
+from backend.faces import Face
 from backend.images import ImageError, load_image
+from backend.keypoints import FaceKeypoints
 from backend.regressor.crops import SOURCE_GEOMETRY, face_crops
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,11 @@ def face_sample(detector: CoarseDetector, grey: np.ndarray, row: TruthRow) -> di
     if best is None:
         return None
     _, face, keypoints = best
+    return face_fields(grey, face, keypoints, row)
+
+
+def face_fields(grey: np.ndarray, face: Face, keypoints: FaceKeypoints, row: TruthRow) -> dict:
+    """One found face as a dict of FaceSamples fields, with `row`'s points as the truth."""
     crops = face_crops(grey, face.landmarks, SOURCE_GEOMETRY)
     # Row 0 is left_pupil: the subject's left eye, on the image's right.
     truth_image = (row.right, row.left)
@@ -165,6 +172,13 @@ def build_samples(
         with context.Pool(workers, initializer=_init_worker) as pool:
             collect(pool.imap(work, rows, chunksize=8))
     return stack_samples(found), skipped
+
+
+def concatenate(*parts: FaceSamples) -> FaceSamples:
+    """One FaceSamples holding every part's faces, in order."""
+    return FaceSamples(
+        **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(FaceSamples)}
+    )
 
 
 def stack_samples(found: Sequence[dict]) -> FaceSamples:

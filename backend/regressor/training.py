@@ -62,10 +62,15 @@ def fit(
     val: FaceSamples | None,
     config: TrainConfig,
     progress: bool = True,
+    weights: np.ndarray | None = None,
+    initial: keras.Model | None = None,
 ) -> tuple[keras.Model, list[dict]]:
     """A trained network and one record per epoch (loss, and val e05/e10 when `val` is given).
 
     Each epoch re-draws the augmentation of every training crop (both eyes of every face).
+    `weights` (one per face) scale each face's loss, so detector-labelled faces can count less
+    than people's; `initial` is a network of the same config whose weights training starts
+    from (the serving version, when the loop retrains).
     """
     if len(train) == 0:
         raise ValueError("no training faces")
@@ -73,7 +78,10 @@ def fit(
     rng = np.random.default_rng(config.seed)
     pixels = train.pixels.reshape(-1, *train.pixels.shape[2:])
     points = train.targets(config.labels).reshape(-1, 2)
+    eye_weights = None if weights is None else np.repeat(np.asarray(weights, np.float32), 2)
     model = build_network(config.network)
+    if initial is not None:
+        model.set_weights(initial.get_weights())
     steps = math.ceil(len(pixels) / config.batch_size) * config.epochs
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.02)
     model.compile(
@@ -89,7 +97,7 @@ def fit(
         x, y = augment(pixels, points, rng, config.augmentation)
         result = model.fit(
             x[..., None], {"xy": y}, batch_size=config.batch_size, epochs=1, verbose=0,
-            shuffle=True,
+            shuffle=True, sample_weight=eye_weights,
         )  # fmt: skip
         record = {"epoch": epoch + 1, "loss_px": float(result.history["loss"][0])}
         last = epoch + 1 == config.epochs
@@ -172,15 +180,21 @@ def train_version(
     config: TrainConfig,
     source: Mapping[str, Any],
     progress: bool = True,
+    weights: np.ndarray | None = None,
+    initial: keras.Model | None = None,
+    prefix: str = "v",
 ) -> tuple[ModelVersion, dict]:
     """Fit, measure the labels' offset on `train`, score and calibrate on `val`, write a version.
 
     Returns the version and its summary: sizes, val error rates (the coarse detector's on the
     same faces beside them), and how well each uncertainty cue ranks the val faces' errors.
+    `weights` and `initial` go to `fit`; the label offset is measured on the faces of the
+    highest weight (people's labels, when detector labels are mixed in).
     """
     started = time.perf_counter()
-    model, history = fit(train, val, config, progress=progress)
-    offset = label_offset(model, train, config.labels)
+    model, history = fit(train, val, config, progress=progress, weights=weights, initial=initial)
+    offset_faces = train if weights is None else train.subset(weights >= np.max(weights))
+    offset = label_offset(model, offset_faces, config.labels)
     prediction = predict_samples(model, val, offset)
     errors = face_errors(prediction.xy, val)
     eye_errors = (
@@ -194,6 +208,7 @@ def train_version(
         "val_size": len(val),
         "label_offset_px": [round(float(v), 3) for v in offset],
         **error_rates(errors, "val"),
+        "val_mean_e": float(np.mean(errors)),
         **error_rates(face_errors(val.coarse, val), "coarse_val"),
         "uncertainty": ranking_report(cues, calibration, errors),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -206,7 +221,7 @@ def train_version(
         "training": {**asdict(config), "network": config.network.to_json(), "history": history},
         "code_version": code_version(),
     }  # fmt: skip
-    version = write_version(store, model, config.network, calibration, offset, metadata)
+    version = write_version(store, model, config.network, calibration, offset, metadata, prefix)
     return version, summary
 
 

@@ -61,8 +61,9 @@ def write_version(
     calibration: np.ndarray,
     label_offset: np.ndarray,
     metadata: Mapping[str, Any],
+    prefix: str = "v",
 ) -> ModelVersion:
-    """Save a trained network as a new version (atomically); returns it."""
+    """Save a trained network as a new version (atomically) named `prefix`<time>; returns it."""
 
     def write(directory: Path) -> None:
         model.save_weights(directory / WEIGHTS)
@@ -79,7 +80,7 @@ def write_version(
         "calibration": coefficients_json(calibration),
         "label_offset_px": [float(v) for v in label_offset],
     }
-    return store.create(write, full)
+    return store.create(write, full, prefix)
 
 
 def load_version(version: ModelVersion) -> RegressorVersion:

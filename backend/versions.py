@@ -1,0 +1,98 @@
+"""What GET /versions reports: every trained version with its metrics and status, and each
+project's training state.
+
+`versions` is the list of names Label Studio shows (serving first, as before); `details` says
+for each version which project trained it, whether it serves, was rejected (and why) or served
+before, and its validation metrics; `training` says per project how many label changes are
+recorded, how many the last run took, whether a run waits, and what the last run did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from backend.label_store import FILENAME, label_store
+from backend.model_store import SERVING, ModelStore
+from backend.project_dirs import project_dir, training_running
+from backend.settings import Settings
+
+SERVING_STATUS = "serving"
+REJECTED = "rejected"
+RETIRED = "retired"  # promoted once, replaced since
+TRAINED = "trained"  # no decision recorded (scripts/train.py without --promote)
+
+
+def versions_report(settings: Settings, serving: str, project: int | None) -> dict[str, Any]:
+    """The /versions body; `project` limits it to one project (and the global versions)."""
+    roots: list[tuple[int | None, Path]] = [(None, settings.model_dir)]
+    projects_dir = settings.model_dir / "projects"
+    if project is not None:
+        roots.append((project, project_dir(settings.model_dir, project)))
+    elif projects_dir.is_dir():
+        ids = sorted(int(p.name) for p in projects_dir.iterdir() if p.name.isdigit())
+        roots += [(i, project_dir(settings.model_dir, i)) for i in ids]
+    details = []
+    for owner, root in roots:
+        details += _versions(owner, root)
+    details.sort(key=lambda d: d["created"] or "", reverse=True)
+    names = [serving, *(d["name"] for d in details if d["name"] != serving)]
+    return {
+        "versions": names,
+        "serving": serving,
+        "details": details,
+        "training": _training(settings, project),
+    }
+
+
+def _versions(owner: int | None, root: Path) -> list[dict[str, Any]]:
+    if not (root / "versions").is_dir():
+        return []
+    store = ModelStore(root)
+    decisions = {d.get("version"): d for d in store.decisions()}  # the latest per version
+    current = store.serving() if (root / SERVING).exists() else None
+    out = []
+    for version in store.versions():
+        decision = decisions.get(version.name) or {}
+        if current is not None and version.name == current.name:
+            status = SERVING_STATUS
+        elif decision.get("decision") == "rejected":
+            status = REJECTED
+        elif decision.get("decision") == "promoted":
+            status = RETIRED
+        else:
+            status = TRAINED
+        data = version.metadata.get("data", {})
+        out.append({
+            "name": version.name,
+            "project": owner,
+            "status": status,
+            "created": version.metadata.get("created"),
+            "metrics": dict(version.metrics),
+            "reason": decision.get("reason"),
+            "train_faces": data.get("train_faces"),
+            "val_faces": data.get("val_faces"),
+        })  # fmt: skip
+    return out
+
+
+def _training(settings: Settings, project: int | None) -> list[dict[str, Any]]:
+    if not (settings.model_dir / FILENAME).exists():
+        return []
+    store = label_store(settings.model_dir)
+    states = store.projects() if project is None else [store.project(project)]
+    return [
+        {
+            "project": s.id,
+            "label_changes": s.label_seq,
+            "trained_on": s.trained_seq,
+            "new_labels": s.new_labels,
+            "requested": s.requested is not None,
+            "queued_job": s.queued_job,
+            "running": training_running(settings.model_dir, s.id),
+            "failures": s.failures,
+            "last_run": s.last_run,
+        }
+        for s in states
+        if s is not None
+    ]
