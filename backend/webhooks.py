@@ -122,6 +122,8 @@ def _store_one(
     task_id = annotation.get("task")
     if isinstance(task_id, Mapping):
         task_id = task_id.get("id")
+    if task_id is None and len(tasks_by_id) == 1:  # the event's one task
+        task_id = next(iter(tasks_by_id))
     if not _is_id(task_id):
         return f"annotation {annotation['id']} has no integer 'task'"
     task = tasks_by_id.get(task_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from backend.jobs import QUEUE_NAME, worker_settings
 from backend.server import configure_logging
@@ -33,10 +34,28 @@ def main() -> None:
     from rq import Queue, Worker
 
     connection = Redis.from_url(settings.redis_url)
+    _wait_for_redis(connection)
     worker = Worker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
     log.info("worker %s listening on queue %s (model dir %s)", worker.name, QUEUE_NAME,
              settings.model_dir)  # fmt: skip
     worker.work(logging_level=settings.log_level)
+
+
+def _wait_for_redis(connection, max_wait_s: float = 30.0) -> None:
+    """Block until Redis answers (a worker may start before it, e.g. under docker-compose);
+    once running, RQ itself reconnects after an outage."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    wait = 0.5
+    while True:
+        try:
+            connection.ping()
+            return
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            log.warning("Redis not answering (%s); retrying in %.0f s", e, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, max_wait_s)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A tiny threaded HTTP server on 127.0.0.1 that plays whichever Label Studio endpoints a test
-routes: uploads, /tasks/<id>/presign/, /api/token/refresh/, or an unrelated image host.
+routes: uploads, /tasks/<id>/presign/, /api/token/refresh/, the REST API (any method), or an
+unrelated image host.
 
 Every request is recorded (method, path with query, headers, body), so tests can assert what
 the backend sent, to whom, and what it never sent.
@@ -91,6 +92,15 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self._answer()
 
     def do_POST(self):  # noqa: N802
+        self._answer()
+
+    def do_PATCH(self):  # noqa: N802
+        self._answer()
+
+    def do_PUT(self):  # noqa: N802
+        self._answer()
+
+    def do_DELETE(self):  # noqa: N802
         self._answer()
 
     def _answer(self) -> None:
