@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import redis
-
 from server_process import free_port
 
 INSTALL_HINT = "install it with: apt-get install -y redis-server (make test does this as root)"

@@ -224,8 +224,11 @@ def test_a_worker_killed_mid_training_changes_nothing_and_the_next_run_succeeds(
     with running_server(slow, tmp_path / "server.log"):
         with worker(slow, tmp_path / "worker1.log") as first:
             send_events(base, rows, range(12))
-            wait_for("the run to start training", lambda: any(
-                t["running"] and t["last_run"] is None for t in training_state(base)), 120)
+            wait_for(
+                "the run to start training",
+                lambda: any(t["running"] and t["last_run"] is None for t in training_state(base)),
+                120,
+            )
             wait_for("the first epochs", lambda: "epoch epoch=" in (
                 tmp_path / "worker1.log").read_text(), 120)  # fmt: skip
             # RQ trains in a forked work horse in its own session: kill it and the worker.
