@@ -79,7 +79,9 @@ def parse_annotation(annotation: Mapping) -> AnnotationLabel:
     if verdict == "correct" and parent is not None and not points:
         return AnnotationLabel(ACCEPTED, verdict=verdict, parent_prediction=parent)
     notes = ("pupil points without a partner",) if unpaired else ()
-    return AnnotationLabel(EMPTY, verdict=verdict, parent_prediction=parent, notes=notes)
+    return AnnotationLabel(
+        EMPTY, verdict=verdict, parent_prediction=parent, unpaired=unpaired, notes=notes
+    )
 
 
 def prediction_pairs(prediction: Mapping) -> tuple[PupilPair, ...]:
@@ -130,7 +132,8 @@ def _pupil_points(regions: Sequence) -> tuple[list[_Point], bool]:
             continue
         parent = region.get("parentID")
         points.append(_Point(label, xy, parent if isinstance(parent, str) else None))
-        edited = edited or region.get("origin") in _EDITED
+        origin = region.get("origin")
+        edited = edited or (isinstance(origin, str) and origin in _EDITED)
     return points, edited
 
 
@@ -139,7 +142,7 @@ def _pixels(value: Mapping, region: Mapping) -> np.ndarray | None:
     try:
         x, y = float(value["x"]), float(value["y"])
         width, height = float(region["original_width"]), float(region["original_height"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
     if not all(math.isfinite(v) for v in (x, y, width, height)) or width <= 0 or height <= 0:
         return None

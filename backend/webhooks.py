@@ -159,4 +159,5 @@ def _project(body: Mapping) -> tuple[int, str | None]:
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A Label Studio id: a non-negative integer SQLite can hold."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

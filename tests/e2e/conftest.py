@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,19 +336,22 @@ def label_studio(e2e_dir: Path, pytestconfig: pytest.Config) -> Iterator[LabelSt
         ls.stop()
 
 
-@pytest.fixture(scope="session")
-def backend(
-    e2e_dir: Path, label_studio: LabelStudio, pytestconfig: pytest.Config
+@contextmanager
+def running_backend(
+    e2e_dir: Path, label_studio: LabelStudio, name: str, **extra_env: str
 ) -> Iterator[Server]:
-    """This backend (`python -m backend.server`), with basic auth, pointed at `label_studio`."""
+    """This backend (`python -m backend.server`), with basic auth, pointed at `label_studio`,
+    its models under e2e_dir/<name>-models and its log at e2e_dir/<name>.log."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    model_dir = e2e_dir / "backend-models"
+    model_dir = e2e_dir / f"{name}-models"
     model_dir.mkdir(exist_ok=True)
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH", "ALLOWED_IMAGE", "PROMETHEUS_"))
+        if not k.startswith(
+            ("LABEL_STUDIO_", "BASIC_AUTH", "ALLOWED_IMAGE", "PROMETHEUS_", "REDIS_", "TRAIN_")
+        )
     }
     env.update(
         PORT=str(port),
@@ -359,10 +363,11 @@ def backend(
         MODEL_DIR=str(model_dir),
         LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        **extra_env,
     )
-    log_path = e2e_dir / "backend.log"
+    log_path = e2e_dir / f"{name}.log"
     proc = _start([sys.executable, "-m", "backend.server"], env, log_path, cwd=REPO)
-    server = Server(name="backend", url=url, proc=proc, log_path=log_path, auth=(ML_USER, ML_PASS))
+    server = Server(name=name, url=url, proc=proc, log_path=log_path, auth=(ML_USER, ML_PASS))
     _SERVERS.append(server)
 
     def ready() -> bool:
@@ -370,8 +375,19 @@ def backend(
         return r.status_code == 200
 
     try:
-        seconds = _wait_until(server, ready, BACKEND_TIMEOUT_S, "answering /health")
-        _say(pytestconfig, f"backend ready in {seconds:.1f} s at {url} (log {log_path})")
+        _wait_until(server, ready, BACKEND_TIMEOUT_S, "answering /health")
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def backend(
+    e2e_dir: Path, label_studio: LabelStudio, pytestconfig: pytest.Config
+) -> Iterator[Server]:
+    """This backend with basic auth and default settings, pointed at `label_studio`."""
+    started = time.monotonic()
+    with running_backend(e2e_dir, label_studio, "backend") as server:
+        _say(pytestconfig, f"backend ready in {time.monotonic() - started:.1f} s at "
+             f"{server.url} (log {server.log_path})")  # fmt: skip
+        yield server
