@@ -6,9 +6,10 @@
 - `predictions_total{outcome="ok"|"failed"}`: tasks predicted.
 - `prediction_failures_total{reason}`: failed tasks by FAILURE_REASONS class.
 - `faces_detected_total`: faces found in successfully predicted tasks.
-- `training_runs_total{status}`: training runs (fit()); no samples until training exists.
-- `queue_depth`: jobs waiting, asked of a provider function at scrape time; the provider is
-  `no_queue` (always 0) until the backend has a job queue.
+- `queue_depth`: jobs waiting in the job queue (backend/jobs.py), asked of a provider function
+  at scrape time (the server passes its queue's; `no_queue`, always 0, for a bare Metrics).
+  Training runs themselves are reported by GET /versions (`training`), since they run in job
+  workers whose counters /metrics could not see.
 
 Processes. By default each app has its own CollectorRegistry, so tests (and two apps in one
 process) never share counts; with gunicorn WORKERS > 1 each worker then reports only its own
@@ -58,7 +59,7 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 
 def no_queue() -> int:
-    """The queue-depth provider until a job queue exists: nothing is ever waiting."""
+    """A queue-depth provider for metrics without a queue: nothing is ever waiting."""
     return 0
 
 
@@ -131,9 +132,6 @@ class Metrics:
         self.faces = Counter(
             "faces_detected", "Faces found in successfully predicted tasks.", registry=owner
         )
-        self.training_runs = Counter(
-            "training_runs", "Training runs, by final status.", ("status",), registry=owner
-        )
         # Every outcome and reason shows from the start, at 0: rates need a baseline sample.
         for outcome in ("ok", "failed"):
             self.predictions.labels(outcome)
@@ -157,9 +155,6 @@ class Metrics:
         """A failed task; an unknown reason counts as INTERNAL so the label set stays fixed."""
         self.predictions.labels("failed").inc()
         self.failures.labels(reason if reason in FAILURE_REASONS else INTERNAL).inc()
-
-    def training_run(self, status: str) -> None:
-        self.training_runs.labels(status).inc()
 
     # -- exposition
 

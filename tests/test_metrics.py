@@ -61,12 +61,10 @@ def test_metrics_are_prometheus_text_with_every_family(client):
         "predictions_total",
         "prediction_failures_total",
         "faces_detected_total",
-        "training_runs_total",
         "queue_depth",
     ):
         assert f"# TYPE {name.removesuffix('_total')} " in text or f"# TYPE {name} " in text
-    assert value(text, "queue_depth") == 0.0  # no job queue yet
-    assert not [key for key in samples(text) if key[0].startswith("training_runs")]
+    assert value(text, "queue_depth") == 0.0  # nothing queued
     for reason in FAILURE_REASONS:
         assert value(text, "prediction_failures_total", reason=reason) == 0.0
     assert value(text, "predictions_total", outcome="ok") == 0.0
@@ -140,11 +138,9 @@ def test_each_app_has_its_own_registry_and_queue_depth_provider():
 def test_unknown_reasons_are_counted_as_internal_to_keep_labels_fixed():
     metrics = Metrics()
     metrics.prediction_failed("something_new")
-    metrics.training_run("done")
     text = metrics.render().decode()
     assert value(text, "prediction_failures_total", reason="internal") == 1
     assert value(text, "prediction_failures_total", reason="something_new") is None
-    assert value(text, "training_runs_total", status="done") == 1
 
 
 def test_multiprocess_dir_needs_the_environment_variable_at_start(tmp_path):
