@@ -382,6 +382,17 @@ def running_backend(
 
 
 @pytest.fixture(scope="session")
+def start_backend(e2e_dir: Path, label_studio: LabelStudio):
+    """`start_backend(name, **env)`: a context manager running another backend (basic auth,
+    pointed at `label_studio`) with extra environment, e.g. TRAIN_* settings."""
+
+    def start(name: str, **extra_env: str):
+        return running_backend(e2e_dir, label_studio, name, **extra_env)
+
+    return start
+
+
+@pytest.fixture(scope="session")
 def backend(
     e2e_dir: Path, label_studio: LabelStudio, pytestconfig: pytest.Config
 ) -> Iterator[Server]:

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ML_PASS, ML_USER, running_backend
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -73,7 +72,9 @@ def _wait(what: str, check, timeout_s: float, poll_s: float = 1.0):
         time.sleep(poll_s)
 
 
-def test_annotations_train_promote_and_repredict_by_themselves(label_studio, e2e_dir, tmp_path):
+def test_annotations_train_promote_and_repredict_by_themselves(
+    label_studio, start_backend, tmp_path
+):
     root, rows = _dataset(tmp_path / "faces")
     from face_dataset import SIZE
 
@@ -102,20 +103,21 @@ def test_annotations_train_promote_and_repredict_by_themselves(label_studio, e2e
 
     early = [annotate(i) for i in range(BEFORE_CONNECTING)]  # no model, no webhook yet
 
-    with running_backend(
-        e2e_dir, label_studio, "loop-backend", TRAIN_EVERY_N_LABELS=str(AFTER_CONNECTING),
-        TRAIN_MIN_LABELS="6", TRAIN_DEBOUNCE_S="1", TRAIN_EPOCHS="3",
+    with start_backend(
+        "loop-backend", TRAIN_EVERY_N_LABELS=str(AFTER_CONNECTING), TRAIN_MIN_LABELS="6",
+        TRAIN_DEBOUNCE_S="1", TRAIN_EPOCHS="3",
     ) as backend:  # fmt: skip
-        auth = (ML_USER, ML_PASS)
+        auth = backend.auth
+        user, password = auth
         ml = api("POST", "/api/ml", json={
             "project": pid, "url": backend.url, "title": "pupil-backend",
-            "auth_method": "BASIC_AUTH", "basic_auth_user": ML_USER, "basic_auth_pass": ML_PASS,
+            "auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password,
         }).json()  # fmt: skip
         # Label Studio's auto-created webhook sends no credentials: give it the model's.
         hooks = [h for h in api("GET", f"/api/webhooks/?project={pid}").json()
                  if h["url"].rstrip("/") == f"{backend.url}/webhook"]  # fmt: skip
         assert len(hooks) == 1, hooks
-        token = base64.b64encode(f"{ML_USER}:{ML_PASS}".encode()).decode()
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
         api("PATCH", f"/api/webhooks/{hooks[0]['id']}/",
             json={"headers": {"Authorization": f"Basic {token}"}})  # fmt: skip
         before = api("GET", f"/api/projects/{pid}").json()["model_version"]
