@@ -454,8 +454,10 @@ def test_the_detector_is_built_once_per_process(client):
             {"status": "recorded", "training": "requested", "project": 3},
         ),
         ({"action": "SOMETHING_NEW"}, {"status": "ignored"}),
-        ({"action": "TASKS_CREATED", "tasks": [{"id": 1}], "project": {"id": 3}},
-         {"status": "ignored"}),  # fmt: skip
+        (
+            {"action": "TASKS_CREATED", "tasks": [{"id": 1}], "project": {"id": 3}},
+            {"status": "ignored"},
+        ),  # fmt: skip
     ],
 )
 def test_webhook_records_or_ignores_every_event(client, event, expected):
