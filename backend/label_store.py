@@ -17,6 +17,7 @@ records the count it saw (`trained_seq`), so "new labels since the last run" is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FILENAME = "labels.sqlite3"
 
@@ -136,11 +139,13 @@ class LabelStore:
         annotation: Mapping[str, Any],
         task_data: Mapping[str, Any] | None,
         label_config: str | None = None,
+        revive: bool = False,
     ) -> bool:
         """Keep `annotation` (it must have an integer "id"); True when it changed what we hold.
 
         An older copy than the one held (by updated_at) and any copy of a deleted annotation
-        are ignored.
+        are ignored, unless `revive`: Label Studio's API listing it (reconciliation) is proof
+        that it exists, e.g. after Label Studio's database was reset and ids were reused.
         """
         annotation_id = int(annotation["id"])
         updated = annotation.get("updated_at")
@@ -154,16 +159,26 @@ class LabelStore:
                 (annotation_id,),
             ).fetchone()
             if row is not None:
-                if row["deleted"]:
+                if row["deleted"] and not revive:
+                    log.warning(
+                        "annotation=%s project=%s ignored: it was deleted before (if Label "
+                        "Studio's database was reset, Start Training reconciles)",
+                        annotation_id, project,
+                    )  # fmt: skip
                     return False
-                if _content(json.loads(row["annotation"])) == content:
+                if not row["deleted"] and _content(json.loads(row["annotation"])) == content:
                     if row["task_data"] is None and task_data is not None:
                         db.execute(
                             "UPDATE annotations SET task_data=? WHERE id=?",
                             (json.dumps(task_data), annotation_id),
                         )
                     return False
-                if updated and row["updated_at"] and updated < row["updated_at"]:
+                if (
+                    not row["deleted"]
+                    and updated
+                    and row["updated_at"]
+                    and updated < row["updated_at"]
+                ):
                     return False
             data = json.dumps(task_data) if task_data is not None else None
             if data is None and row is not None:
@@ -173,7 +188,7 @@ class LabelStore:
                 "received) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "project=excluded.project, task=excluded.task, task_data=excluded.task_data, "
                 "annotation=excluded.annotation, updated_at=excluded.updated_at, "
-                "received=excluded.received",
+                "received=excluded.received, deleted=0",
                 (annotation_id, project, task, data, text, updated, now),
             )
             self._touch(db, project, now, label_config)

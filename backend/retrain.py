@@ -105,7 +105,7 @@ def _reconcile(store: LabelStore, client: LabelStudioClient, project: int) -> li
             if not isinstance(annotation, Mapping) or not isinstance(annotation.get("id"), int):
                 continue
             seen.add(annotation["id"])
-            added += store.upsert(project, task["id"], annotation, task.get("data"))
+            added += store.upsert(project, task["id"], annotation, task.get("data"), revive=True)
     gone = store.annotation_ids(project) - seen
     deleted = store.delete(project, sorted(gone)) if gone else 0
     log.info("project=%s reconciled tasks=%d annotations=%d changed=%d deleted=%d",

@@ -121,6 +121,17 @@ def test_a_deleted_annotation_leaves_a_tombstone(store):
     assert store.project(PROJECT).label_seq == 2
 
 
+def test_reconciliation_revives_a_tombstoned_id_that_label_studio_lists(store):
+    # Label Studio's database was reset and gave the id to a new annotation.
+    store.upsert(PROJECT, 42, annotation(), TASK_DATA)
+    store.delete(PROJECT, [17])
+    assert store.upsert(PROJECT, 43, annotation(x=60.0, task=43), TASK_DATA) is False
+    assert store.upsert(PROJECT, 43, annotation(x=60.0, task=43), TASK_DATA, revive=True)
+    (kept,) = store.annotations(PROJECT)
+    assert kept.task == 43 and kept.annotation["result"][0]["value"]["x"] == 60.0
+    assert store.project(PROJECT).label_seq == 3
+
+
 def test_deleting_an_unknown_annotation_counts_and_blocks_its_late_creation(store):
     assert store.delete(PROJECT, [99, 100]) == 2
     assert store.project(PROJECT).label_seq == 1  # one change per delete call
