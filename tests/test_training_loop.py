@@ -5,8 +5,8 @@ Annotations arrive as Label Studio's webhook payloads for tasks whose images are
 pupils moved 2 px right, a labelling convention the coarse detector does not follow, so a
 trained version measurably beats it on the people-labelled validation faces and is promoted.
 
-- In-process (no REDIS_URL): a burst of 200 events becomes one or two runs holding all 200,
-  the version is promoted and served to that project only.
+- In-process (no REDIS_URL) and on RQ: a burst of 200 events becomes one or two runs holding
+  all 200, the version is promoted and served to that project only.
 - RQ with a real redis-server and real `python -m backend.worker` processes: a worker
   SIGKILLed mid-training leaves the serving model alone and the next worker's run succeeds;
   with Redis stopped, webhooks and /predict keep answering, no event is lost, and training
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -119,12 +119,27 @@ def predict_body(rows: list[dict], project: object = f"{PROJECT}.1763700000") ->
 # In-process
 
 
-def test_a_burst_of_200_events_is_one_or_two_runs_holding_all_of_them(faces, tmp_path):
+@pytest.mark.parametrize("queue", ["in-process", "rq"])
+def test_a_burst_of_200_events_is_one_or_two_runs_holding_all_of_them(faces, tmp_path, queue):
     root, rows = faces
-    settings = Settings(
-        model_dir=tmp_path / "models", local_files_document_root=root, train_every=10,
-        train_min_labels=10, train_debounce_s=1.0, train_epochs=2,
-    )  # fmt: skip
+    with ExitStack() as stack:
+        redis_url = None
+        if queue == "rq":  # a real redis-server and a real worker process
+            redis = RedisServer(tmp_path / "redis")
+            redis.start()
+            stack.callback(redis.stop)
+            redis_url = redis.url
+            env = loop_env(tmp_path, root, redis_url)
+            env["MODEL_DIR"] = str(tmp_path / "models")
+            stack.enter_context(worker(env, tmp_path / "worker.log"))
+        settings = Settings(
+            model_dir=tmp_path / "models", local_files_document_root=root, train_every=10,
+            train_min_labels=10, train_debounce_s=1.0, train_epochs=2, redis_url=redis_url,
+        )  # fmt: skip
+        burst_of_200(settings, rows)
+
+
+def burst_of_200(settings: Settings, rows: list[dict]) -> None:
     client = create_app(settings).test_client()
     started = time.perf_counter()
     for i in range(200):
