@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ except ImportError:  # run as `python scripts/benchmark_loop.py` from a checkout
     sys.path.insert(0, str(REPO))
 
 from backend.evaluation import TruthRow, group_split, normalised_error, person_of  # noqa: E402
+
+sys.path.append(str(REPO / "tests"))  # the test suite's server machinery and polling
+from polling import wait_for  # noqa: E402
 
 LABEL_CONFIG = REPO / "label_config" / "pupils.xml"
 UPLOAD_CHUNK = 50
@@ -390,17 +393,6 @@ def connect_backend(api: Api, pid: int, backend_url: str, user: str, password: s
         json={"headers": {"Authorization": f"Basic {token}"}})  # fmt: skip
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
-
-
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
@@ -503,7 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 try:
                     outcome, run_ = wait_for(f"round {rnd}'s predictions", done,
-                                             args.round_timeout)  # fmt: skip
+                                             args.round_timeout, POLL_S)  # fmt: skip
                 except TimeoutError as e:
                     outcome, run_ = "timeout", {"reason": str(e)}
                 seconds = time.monotonic() - t0

@@ -21,13 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 from face_dataset import SIZE, write_dataset
+from polling import wait_for
 from redis_server import RedisServer
 from server_process import ROOT, free_port, running_server
 
@@ -75,17 +76,6 @@ def annotation_event(rows: list[dict], i: int, project: int = PROJECT) -> dict:
             "was_cancelled": False, "updated_at": "2026-11-21T10:00:00Z",
         },
     }  # fmt: skip
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def settled(training: list[dict]) -> dict | None:

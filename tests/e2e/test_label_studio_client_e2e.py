@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from backend.keypoints import KEYPOINT_NAMES
 from backend.label_studio import LabelStudioClient, LabelStudioError
 from backend.ls_auth import PERSONAL, LabelStudioAuth
 
@@ -31,14 +32,7 @@ ASTRONAUT = REPO / "tests" / "data" / "astronaut.png"
 SIZE = 512  # astronaut.png is 512x512
 # Pupil centres in tests/data/astronaut.png, image pixels; see tests/conftest.py.
 ASTRONAUT_PUPILS = {"left_pupil": (246.7, 103.5), "right_pupil": (203.3, 101.1)}
-KEYPOINT_LABELS = {
-    "left_pupil",
-    "right_pupil",
-    "left_eye_outer",
-    "left_eye_inner",
-    "right_eye_inner",
-    "right_eye_outer",
-}
+KEYPOINT_LABELS = set(KEYPOINT_NAMES)
 VERSION = "test-v1"
 
 

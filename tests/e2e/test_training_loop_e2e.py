@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -59,17 +60,6 @@ def _keypoints(row: dict, size: int) -> list[dict]:
         {"from_name": "verdict", "to_name": "image", "type": "choices",
          "value": {"choices": ["wrong"]}},
     ]  # fmt: skip
-
-
-def _wait(what: str, check, timeout_s: float, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def test_annotations_train_promote_and_repredict_by_themselves(
@@ -130,7 +120,7 @@ def test_annotations_train_promote_and_repredict_by_themselves(
             version = api("GET", f"/api/projects/{pid}").json()["model_version"]
             return version if version and version.startswith(f"p{pid}-") else None
 
-        version = _wait("new predictions in Label Studio", promoted_in_ls, 600)
+        version = wait_for("new predictions in Label Studio", promoted_in_ls, 600)
         seconds = time.monotonic() - last_annotation_at
         print(
             f"\n[e2e] annotation {BEFORE_CONNECTING + AFTER_CONNECTING} -> new predictions "
@@ -174,7 +164,7 @@ def test_annotations_train_promote_and_repredict_by_themselves(
             return r.json()["training"][0]["label_changes"]
 
         changes = state["label_changes"]
-        _wait("the deletion to be recorded", lambda: label_changes() > changes, 30)
+        wait_for("the deletion to be recorded", lambda: label_changes() > changes, 30)
 
         # "Start Training" in the model card: START_TRAINING, a second run on 7 labels.
         api("POST", f"/api/ml/{ml['id']}/train", json={})
@@ -184,7 +174,7 @@ def test_annotations_train_promote_and_repredict_by_themselves(
             run = r.json()["training"][0]["last_run"]
             return run if run and run.get("version") != version else None
 
-        run = _wait("the START_TRAINING run", second_run, 600)
+        run = wait_for("the START_TRAINING run", second_run, 600)
         assert run["outcome"] in ("promoted", "rejected"), run
         assert run["human_faces"] == BEFORE_CONNECTING + AFTER_CONNECTING - 1
         log = backend.log_path.read_text()
