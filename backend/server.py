@@ -337,7 +337,14 @@ def gunicorn_options(settings: Settings) -> dict:
             PupilModel(None, settings).model_version,
         )
 
+    def post_worker_init(worker) -> None:
+        # Training left pending before a restart resumes without waiting for a request.
+        scheduler = getattr(worker.wsgi, "extensions", {}).get("pupil_scheduler")
+        if scheduler is not None:
+            scheduler.ensure_started()
+
     options = {
+        "post_worker_init": post_worker_init,
         "bind": _bind(settings.host, settings.port),
         "workers": settings.workers,
         "threads": settings.threads,
