@@ -360,18 +360,7 @@ def label_store(model_dir: Path) -> LabelStore:
 
 
 def _state(row: sqlite3.Row) -> ProjectState:
-    return ProjectState(
-        id=row["id"],
-        label_config=row["label_config"],
-        label_seq=row["label_seq"],
-        trained_seq=row["trained_seq"],
-        last_event=row["last_event"],
-        requested=row["requested"],
-        queued_job=row["queued_job"],
-        queued_at=row["queued_at"],
-        running_seq=row["running_seq"],
-        running_since=row["running_since"],
-        retry_at=row["retry_at"],
-        failures=row["failures"],
-        last_run=json.loads(row["last_run"]) if row["last_run"] else None,
-    )
+    """A projects row as ProjectState (same names; last_run decoded from JSON)."""
+    values = {key: row[key] for key in row.keys()}
+    values["last_run"] = json.loads(values["last_run"]) if values["last_run"] else None
+    return ProjectState(**values)

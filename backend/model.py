@@ -37,7 +37,7 @@ from backend.images import ImageError, ImageTooLarge, load_image
 from backend.keypoints import KEYPOINT_NAMES, FaceKeypoints
 from backend.label_store import label_store
 from backend.metrics import IMAGE_UNREADABLE, INTERNAL, NO_IMAGE_FIELD, Metrics
-from backend.project_dirs import project_dir
+from backend.project_dirs import serving_roots
 from backend.serving import Served, regressor_serving
 from backend.settings import Settings
 from backend.webhooks import record_event
@@ -282,10 +282,7 @@ class PupilModel:
         """The model answering now: the project's promoted regressor (trained from its
         annotations), else the one promoted in MODEL_DIR (scripts/train.py), else the coarse
         detector."""
-        roots = [self.settings.model_dir]
-        if self.project is not None:
-            roots.insert(0, project_dir(self.settings.model_dir, self.project))
-        for root in roots:
+        for root in serving_roots(self.settings.model_dir, self.project):
             regressor = regressor_serving(root).current()
             if regressor is not None:
                 return regressor

@@ -36,6 +36,15 @@ def project_of(value: object) -> int | None:
     return None
 
 
+def serving_roots(model_dir: Path, project: int | None) -> list[Path]:
+    """The model stores a project's predictions come from, first promoted wins: the project's
+    own (trained from its annotations), then MODEL_DIR's (scripts/train.py)."""
+    roots = [Path(model_dir)]
+    if project is not None:
+        roots.insert(0, project_dir(model_dir, project))
+    return roots
+
+
 @contextmanager
 def training_lock(model_dir: Path, project: int, timeout_s: float) -> Iterator[None]:
     """Hold the project's training lock; TimeoutError if another run keeps it past timeout_s."""

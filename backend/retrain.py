@@ -30,11 +30,11 @@ import numpy as np
 
 from backend.annotations import prediction_pairs
 from backend.evaluation import group_split
-from backend.label_store import LabelStore
+from backend.label_store import LabelStore, label_store
 from backend.label_studio import LabelStudioClient
-from backend.model import ConfigError, parse_label_config, shared_image_source
+from backend.model import ConfigError, model_version, parse_label_config, shared_image_source
 from backend.model_store import ModelStore, ModelVersion
-from backend.project_dirs import project_dir, training_lock
+from backend.project_dirs import project_dir, serving_roots, training_lock
 from backend.settings import Settings
 from backend.training_set import build_training_set, labelled_tasks
 
@@ -50,10 +50,9 @@ DEFAULT_DATA_KEY = "image"
 
 def train_project(settings: Settings, project: int, job_id: str = "") -> dict:
     """One training run for `project` (see the module docstring); returns what it did."""
-    store = LabelStore(settings.model_dir)
+    store = label_store(settings.model_dir)
     with training_lock(settings.model_dir, project, timeout_s=settings.train_timeout_s):
         _wait_for_quiet(store, project, settings.train_debounce_s)
-        started = time.time()
         try:
             client = LabelStudioClient.from_settings(settings)
             tasks = _reconcile(store, client, project) if client is not None else None
@@ -125,16 +124,16 @@ def _train(
     data_key = _data_key(state.label_config if state else None)
 
     def prediction(prediction_id: int):
-        assert client is not None
         return prediction_pairs(client.prediction(prediction_id))
 
     labelled, counts = labelled_tasks(
         store.annotations(project), data_key, prediction if client is not None else None
     )
     base = {"annotations": counts, "labelled_tasks": len(labelled)}
-    if sum(len(t.pairs) for t in labelled) < settings.train_min_labels:
+    labelled_faces = sum(len(t.pairs) for t in labelled)
+    if labelled_faces < settings.train_min_labels:
         return {**base, "outcome": "waiting", "reason": (
-            f"{sum(len(t.pairs) for t in labelled)} people-labelled faces; a run needs "
+            f"{labelled_faces} people-labelled faces; a run needs "
             f"TRAIN_MIN_LABELS={settings.train_min_labels}")}  # fmt: skip
 
     unlabelled = _unlabelled(tasks, data_key, settings) if tasks is not None else []
@@ -174,8 +173,6 @@ def _train(
     initial = None
     if serving is None:
         serving_errors = face_errors(val.coarse, val)
-        from backend.model import model_version
-
         serving_name = model_version(settings.coarse_variant)
     else:
         loaded = load_version(serving)
@@ -217,7 +214,7 @@ def _train(
 
 def _serving(settings: Settings, project: int) -> tuple[ModelVersion | None, str | None]:
     """The regressor serving this project (its own, else the global one), or (None, None)."""
-    for root in (project_dir(settings.model_dir, project), settings.model_dir):
+    for root in serving_roots(settings.model_dir, project):
         if (root / "serving.json").exists():
             version = ModelStore(root).serving()
             if version is not None:

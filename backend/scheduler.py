@@ -127,7 +127,7 @@ class Scheduler:
 
     # -- background ---------------------------------------------------------------------------
 
-    def notify(self, project: int | None = None) -> None:
+    def notify(self) -> None:
         """Something changed: look now (in the background thread)."""
         self._wake.set()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -62,11 +63,11 @@ def labelled_tasks(
     Label Studio to ask, such verdicts are counted as skipped). Returns the tasks and counts of
     annotations by what they were ("points", "rejected", ...).
     """
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     latest: dict[int, tuple[tuple, StoredAnnotation, AnnotationLabel]] = {}
     for item in stored:
         label = parse_annotation(item.annotation)
-        counts[label.kind] = counts.get(label.kind, 0) + 1
+        counts[label.kind] += 1
         if not label.teaches:
             continue
         order = (str(item.annotation.get("updated_at") or ""), item.id)
@@ -76,35 +77,31 @@ def labelled_tasks(
     for task_id, (_, item, label) in sorted(latest.items()):
         pairs = label.pairs
         if label.kind == ACCEPTED:
-            pairs = _accepted_pairs(label, prediction, counts)
+            pairs = _accepted_pairs(label, prediction)
+            if pairs is None:
+                counts["accepted, prediction unavailable"] += 1
+                pairs = ()
         image = item.task_data.get(data_key) if isinstance(item.task_data, Mapping) else None
         if image is None:
-            counts["no image in task data"] = counts.get("no image in task data", 0) + 1
+            counts["no image in task data"] += 1
             continue
         if pairs:
             tasks.append(LabelledTask(task_id, image, tuple(pairs), item.id))
-    return tasks, counts
+    return tasks, dict(counts)
 
 
 def _accepted_pairs(
-    label: AnnotationLabel,
-    prediction: Callable[[int], Sequence[PupilPair]] | None,
-    counts: dict[str, int],
-) -> Sequence[PupilPair]:
+    label: AnnotationLabel, prediction: Callable[[int], Sequence[PupilPair]] | None
+) -> Sequence[PupilPair] | None:
+    """The accepted prediction's pupils; None when it cannot be had."""
     if prediction is None or label.parent_prediction is None:
-        counts["accepted, prediction unavailable"] = (
-            counts.get("accepted, prediction unavailable", 0) + 1
-        )
-        return ()
+        return None
     try:
         return prediction(label.parent_prediction)
     except Exception as e:  # Label Studio unreachable, prediction deleted, ...
         log.warning("prediction=%s unavailable for an accepted verdict: %s",
                     label.parent_prediction, e)  # fmt: skip
-        counts["accepted, prediction unavailable"] = (
-            counts.get("accepted, prediction unavailable", 0) + 1
-        )
-        return ()
+        return None
 
 
 def build_training_set(

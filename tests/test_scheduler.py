@@ -244,7 +244,7 @@ def test_the_thread_starts_once_there_is_a_store_and_wakes_on_notify(tmp_path, q
     assert s._thread is thread
 
     add_labels(store, 1)
-    s.notify(PROJECT)
+    s.notify()
     deadline = time.monotonic() + 3.0  # well inside the 5 s of its own interval
     while not queue.jobs and time.monotonic() < deadline:
         time.sleep(0.02)
