@@ -90,6 +90,7 @@ def _training(settings: Settings, project: int | None) -> list[dict[str, Any]]:
             "requested": s.requested is not None,
             "queued_job": s.queued_job,
             "running": training_running(settings.model_dir, s.id),
+            "last_started": s.running_since,  # Unix time the latest run took its labels
             "failures": s.failures,
             "last_run": s.last_run,
         }
