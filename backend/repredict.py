@@ -6,6 +6,11 @@ loaded in this process), are imported in batches of IMPORT_BATCH with the versio
 scores, and then the project's model version is set to that version: Label Studio computes
 `predictions_score` and shows predictions only for the project's model version. A task that
 cannot be predicted gets the empty, score-0 prediction, as from /predict: it sorts first.
+
+Tasks that already carry a prediction of the serving version are left alone, so the job is
+safe to run again: after a promotion (a new version) every task is predicted; when requested
+for pre-annotation (`POST /jobs/predict`, scripts/import_images.py) only the tasks imported
+since are, with the coarse detector while no regressor is promoted.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def repredict_project(settings: Settings, project: int) -> dict:
         info.get("label_config"), settings, source=shared_image_source(settings), project=project
     )
     version = model.model_version
-    tasks = list(client.tasks(project))
+    every = list(client.tasks(project))
+    tasks = [task for task in every if not _has_prediction(task, version)]
     pending: list[dict] = []
     created = 0
     for i in range(0, len(tasks), PREDICT_BATCH):
@@ -48,10 +54,18 @@ def repredict_project(settings: Settings, project: int) -> dict:
             pending = []
     if pending:
         created += client.import_predictions(project, pending, batch_size=IMPORT_BATCH)
-    if created:
+    already = len(every) - len(tasks)
+    if (created or already) and info.get("model_version") != version:
         client.set_model_version(project, version)
     seconds = time.perf_counter() - started
-    log.info("project=%s predict job outcome=done version=%s tasks=%d created=%d seconds=%.1f",
-             project, version, len(tasks), created, seconds)  # fmt: skip
+    log.info("project=%s predict job outcome=done version=%s tasks=%d created=%d "
+             "already_predicted=%d seconds=%.1f",
+             project, version, len(tasks), created, already, seconds)  # fmt: skip
     return {"outcome": "done", "version": version, "tasks": len(tasks), "created": created,
-            "seconds": round(seconds, 1)}  # fmt: skip
+            "already_predicted": already, "seconds": round(seconds, 1)}  # fmt: skip
+
+
+def _has_prediction(task: dict, version: str) -> bool:
+    """Whether Label Studio already holds a prediction of `version` for `task`."""
+    predictions = task.get("predictions") or []
+    return any(isinstance(p, dict) and p.get("model_version") == version for p in predictions)

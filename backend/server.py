@@ -1,4 +1,5 @@
-"""The HTTP server Label Studio calls: /health, /setup, /predict, /versions, /webhook, /metrics.
+"""The HTTP server Label Studio calls: /health, /setup, /predict, /versions, /webhook, /metrics;
+and /jobs/predict, which tools (scripts/import_images.py) call to pre-annotate a whole project.
 
 `create_app(settings)` builds the Flask app; `main()` (`python -m backend.server`) reads the
 settings from the environment, builds the detector once and serves with gunicorn, preloaded so
@@ -28,7 +29,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend import basic_auth
 from backend.image_source import ImageSource
-from backend.jobs import job_queue
+from backend.jobs import PREDICT, QueueUnavailable, job_queue, new_job_id
 from backend.ls_auth import key_kind
 from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from backend.metrics import Metrics, no_queue, reset_multiproc_dir, worker_exited
@@ -244,6 +245,32 @@ def create_app(
             scheduler.notify()
         return result
 
+    @app.post("/jobs/predict")
+    def request_predictions():
+        """Queue the "predict" job for a project: every task without a prediction of the
+        serving model version is predicted and the predictions are imported into Label Studio
+        in batches (no 100 s limit as for Label Studio's synchronous "Retrieve Predictions").
+        Answers 202 at once with the job id and the version to wait for."""
+        project = _project_id(_json_object().get("project"))
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            return _error(
+                503,
+                "this backend has no LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: it cannot read "
+                "the project's tasks or push predictions; restart it with both set",
+            )
+        queue = job_queue(settings)
+        job_id = new_job_id(PREDICT, project, getattr(queue, "owner", "q"))
+        try:
+            queue.enqueue(PREDICT, project, job_id)
+        except QueueUnavailable as e:
+            log.warning("project=%s predict job not queued: %s", project, e)
+            return _error(503, f"the job queue is unavailable, try again later: {e}")
+        version = new_model(None, project).model_version
+        log.info("project=%s job=%s outcome=enqueued reason=requested version=%s",
+                 project, job_id, version)  # fmt: skip
+        body = {"job": job_id, "kind": PREDICT, "project": project, "model_version": version}
+        return body, 202
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         response = _error(error.code or 500, error.description or error.name)
@@ -274,6 +301,18 @@ def _json_object() -> dict:
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {_json_type(body)}")
     return body
+
+
+def _project_id(value: object) -> int:
+    """A Label Studio project id from a request body: a positive integer (or its digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if value is None:
+        raise BadRequest("'project' is required: the Label Studio project id (a positive integer)")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"'project' must be a Label Studio project id (a positive integer), "
+                         f"got {_json_type(value)} {json.dumps(value)[:40]}")  # fmt: skip
+    return value
 
 
 def _json_type(value: object) -> str:
