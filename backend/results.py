@@ -7,8 +7,9 @@ A `ResultSpec` says which tags of the project's label config to fill (the model 
   percentages of the EXIF-transposed image (what Label Studio displays) and the point's score;
 - optionally one face rectangle per face (`rectanglelabels` or plain `rectangle`), which the
   face's keypoints point at with `parentID`;
-- a prediction-level `score`: the least sure face's confidence, so sorting tasks by score puts
-  the ones most worth a look first; 0 for an image without a face (it must be looked at).
+- a prediction-level `score`: the model's confidence that every pupil of the task is right (the
+  product of its faces' confidences), so sorting tasks by score, lowest first, puts the ones
+  most worth a label first; 0 for an image without a face (it must be looked at).
 """
 
 from __future__ import annotations
@@ -118,10 +119,14 @@ def face_results(
 
 
 def prediction_score(faces: Sequence[FaceKeypoints]) -> float:
-    """The least sure face's confidence; 0 when there is no face (a human must look)."""
+    """P(every pupil of the task is right): the product of the faces' confidences.
+
+    A face's confidence is already P(both its pupils within 0.05 eye distances); a task needs
+    no correction only when all its faces need none. 0 when there is no face (a human must
+    look: a missed face is the most expensive error)."""
     if not faces:
         return 0.0
-    return min(unit_score(face.confidence) for face in faces)
+    return unit_score(math.prod(unit_score(face.confidence) for face in faces))
 
 
 def prediction(

@@ -634,10 +634,11 @@ def test_point_size_stays_visible_for_tiny_eyes_and_without_corners():
     assert point_size(face(no_corners), 400) == POINT_SIZE_BOUNDS_PCT[1]
 
 
-def test_prediction_score_is_the_least_sure_face_and_zero_without_faces():
+def test_prediction_score_is_every_face_right_and_zero_without_faces():
     points = [[30, 30]] * 6
-    faces = [face(points, confidence=0.9), face(points, confidence=0.35)]
-    assert prediction_score(faces) == 0.35
+    faces = [face(points, confidence=0.9), face(points, confidence=0.5)]
+    assert prediction_score(faces) == pytest.approx(0.45)
+    assert prediction_score(faces[:1]) == pytest.approx(0.9)
     assert prediction_score([]) == 0.0
     empty = prediction([], 640, 480, SPEC, "v")
     assert empty == {"result": [], "score": 0.0, "model_version": "v"}
