@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"),
                         help="Label Studio URL (env LABEL_STUDIO_URL)")  # fmt: skip
     parser.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                        help="legacy token or personal access token (env LABEL_STUDIO_API_KEY)")  # fmt: skip
+                        help="legacy or personal token (env LABEL_STUDIO_API_KEY)")  # fmt: skip
     parser.add_argument("--project", required=True, help="project id or exact title")
     parser.add_argument("--backend-url", help="this backend, to ask which version it serves")
     parser.add_argument("--backend-user", default=os.environ.get("BASIC_AUTH_USER"),

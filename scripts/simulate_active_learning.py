@@ -73,7 +73,7 @@ QUICK_FACES = 1200
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, required=True, help="file,left_x,left_y,right_x,right_y")
+    parser.add_argument("--csv", type=Path, required=True, help="truth: file,left_x,left_y,...")
     parser.add_argument("--root", type=Path, required=True, help="image paths are relative to it")
     parser.add_argument("--json", type=Path, required=True, help="results (curves, label_savings)")
     parser.add_argument("--plot", type=Path, required=True, help="learning curves PNG")
@@ -169,6 +169,7 @@ class Simulation:
         """backend/retrain.py's run on the pool: people's faces + detector-labelled faces."""
         from backend.regressor.training import (
             eye_cues,
+            eye_errors,
             fit,
             label_offset,
             predict_samples,
@@ -190,10 +191,8 @@ class Simulation:
         new, _ = fit(train, None, self.config, progress=False, weights=weights, initial=model)
         offset = label_offset(new, train_people, "truth")
         prediction = predict_samples(new, val, offset)
-        eye_errors = (
-            np.linalg.norm(prediction.xy - val.truth, axis=-1) / val.scale / val.interocular[:, None]
-        )
-        return new, offset, fit_calibration(eye_cues(prediction, val), eye_errors)
+        calibration = fit_calibration(eye_cues(prediction, val), eye_errors(prediction.xy, val))
+        return new, offset, calibration
 
     def curve(self, strategy: str) -> list[dict]:
         """Labels used and test accuracy after each round of `strategy`."""
@@ -276,7 +275,9 @@ def summarise(runs: dict[int, dict[str, list[dict]]]) -> dict:
         }
     for m in METRICS:
         by_strategy = {
-            name: [per_seed[m][seed][name] for seed in runs] for name in strategies if name != "random"
+            name: [per_seed[m][seed][name] for seed in runs]
+            for name in strategies
+            if name != "random"
         }
         best = max(by_strategy, key=lambda n: np.mean(by_strategy[n]))
         report["savings"][m] = {

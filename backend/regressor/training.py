@@ -51,10 +51,15 @@ def set_seeds(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def face_errors(predicted: np.ndarray, samples: FaceSamples) -> np.ndarray:
-    """Jesorsky's e per face from (N, 2, 2) predicted points in the samples' source frame."""
+def eye_errors(predicted: np.ndarray, samples: FaceSamples) -> np.ndarray:
+    """(N, 2) per-eye errors in interocular distances, from (N, 2, 2) predicted points."""
     pixels = np.linalg.norm(predicted - samples.truth, axis=-1) / samples.scale
-    return pixels.max(axis=1) / samples.interocular
+    return pixels / samples.interocular[:, None]
+
+
+def face_errors(predicted: np.ndarray, samples: FaceSamples) -> np.ndarray:
+    """Jesorsky's e per face: its worse eye's error."""
+    return eye_errors(predicted, samples).max(axis=1)
 
 
 def fit(
@@ -197,11 +202,8 @@ def train_version(
     offset = label_offset(model, offset_faces, config.labels)
     prediction = predict_samples(model, val, offset)
     errors = face_errors(prediction.xy, val)
-    eye_errors = (
-        np.linalg.norm(prediction.xy - val.truth, axis=-1) / val.scale / val.interocular[:, None]
-    )
     cues = eye_cues(prediction, val)
-    calibration = fit_calibration(cues, eye_errors)
+    calibration = fit_calibration(cues, eye_errors(prediction.xy, val))
     summary = {
         "labels": config.labels,
         "train_size": len(train),
