@@ -3,7 +3,6 @@ faces, argument checks and the plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from script_module import script_module
 
 from backend.evaluation import TruthRow
 
@@ -23,14 +23,8 @@ TRUTH = TruthRow("Ann_Example_0001.jpg", np.array([60.0, 50.0]), np.array([140.0
 
 @pytest.fixture(scope="module")
 def loop():
-    spec = importlib.util.spec_from_file_location("benchmark_loop", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_loop"] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+    with script_module("benchmark_loop") as module:
         yield module
-    finally:
-        sys.modules.pop("benchmark_loop", None)
 
 
 def region(label: str, x_px: float, y_px: float, face: str | None = "t1-face0") -> dict:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ import pytest
 from fake_label_studio import FakeServer, Reply, Seen, json_reply
 from PIL import Image
 from polling import wait_for
+from script_module import script_module
 from server_process import free_port
 from tqdm import tqdm
 from urllib3.util.retry import Retry
@@ -51,14 +50,8 @@ COARSE = model_version("fused")
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("import_images", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["import_images"] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+    with script_module("import_images") as module:
         yield module
-    finally:
-        sys.modules.pop("import_images", None)
 
 
 def write_png(path: Path, shade: int = 128, size: tuple[int, int] = (40, 30)) -> Path:

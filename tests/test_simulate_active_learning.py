@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from face_dataset import write_dataset
+from script_module import script_module
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "simulate_active_learning.py"
@@ -17,14 +17,8 @@ SCRIPT = REPO / "scripts" / "simulate_active_learning.py"
 
 @pytest.fixture(scope="module")
 def sim():
-    spec = importlib.util.spec_from_file_location("simulate_active_learning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["simulate_active_learning"] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+    with script_module("simulate_active_learning") as module:
         yield module
-    finally:
-        sys.modules.pop("simulate_active_learning", None)
 
 
 def curve(*points: tuple[int, float, float]) -> list[dict]:
