@@ -242,6 +242,11 @@ class LabelStudioClient:
         )
         return created
 
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """Predictions per model version in the project (GET /api/projects/{id}/model-versions)."""
+        body = self._json("GET", f"/api/projects/{int(project_id)}/model-versions")
+        return {str(k): int(v) for k, v in body.items()} if isinstance(body, dict) else {}
+
     def set_model_version(self, project_id: int, model_version: str) -> None:
         """Make `model_version` the project's (PATCH /api/projects/{id}): the version whose
         predictions fill the Prediction score column and prelabel tasks. Label Studio answers

@@ -37,8 +37,12 @@ try:
 except ImportError:  # run as `python scripts/active_learning.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx  # the SDK's HTTP library: its connection errors
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
+
+from backend.label_studio import LabelStudioClient, LabelStudioError
+from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError
 
 log = logging.getLogger("active_learning")
 
@@ -92,17 +96,6 @@ def find_project(client: LabelStudio, project: str) -> int:
     if len(matches) > 1:
         raise Failure(f"{len(matches)} projects are titled {project!r}; pass its id instead")
     return int(matches[0])
-
-
-def model_versions(client: LabelStudio, project: int) -> dict[str, int]:
-    """{model version: predictions} of the project (GET /api/projects/ID/model-versions)."""
-    response = client._client_wrapper.httpx_client.request(
-        f"api/projects/{project}/model-versions", method="GET"
-    )
-    if response.status_code != 200:
-        raise Failure(f"model versions of project {project}: HTTP {response.status_code}")
-    body = response.json()
-    return {str(k): int(v) for k, v in body.items()} if isinstance(body, dict) else {}
 
 
 def backend_version(url: str, project: int, auth: tuple[str, str] | None) -> str | None:
@@ -168,7 +161,9 @@ def queue(client: LabelStudio, project: int, view: int, n: int) -> list[QueuedTa
 def run(args: argparse.Namespace) -> int:
     client = LabelStudio(base_url=args.url.rstrip("/"), api_key=args.api_key)
     project = find_project(client, args.project)
-    available = model_versions(client, project)
+    # The SDK has no call for the project's model versions; the backend's client has.
+    api = LabelStudioClient(args.url, LabelStudioAuth(args.url, args.api_key))
+    available = api.model_versions(project)
     served = None
     if args.backend_url:
         auth = (args.backend_user, args.backend_password) if args.backend_user else None
@@ -202,13 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as e:
         hint = " (wrong --api-key?)" if e.status_code == 401 else ""
         print(f"error: Label Studio answered HTTP {e.status_code}{hint}: {e.body}", file=sys.stderr)
-    except (OSError, requests.RequestException) as e:
+    except (LabelStudioError, LabelStudioAuthError) as e:
+        print(f"error: Label Studio at {args.url}: {e}", file=sys.stderr)
+    except (OSError, requests.RequestException, httpx.HTTPError) as e:
         print(f"error: cannot reach Label Studio at {args.url}: {e}", file=sys.stderr)
-    except Exception as e:  # httpx errors from the SDK (connection refused, timeouts)
-        if type(e).__module__.startswith("httpx"):
-            print(f"error: cannot reach Label Studio at {args.url}: {e}", file=sys.stderr)
-        else:
-            raise
     return 1
 
 

@@ -389,11 +389,6 @@ class UploadClient(LabelStudioClient):
             raise LabelStudioError(f"creating {len(tasks)} tasks: unexpected answer {body!r:.200}")
         return ids
 
-    def model_versions(self, project: int) -> dict[str, int]:
-        """Predictions per model version in the project."""
-        body = self._json("GET", f"/api/projects/{int(project)}/model-versions")
-        return {str(k): int(v) for k, v in body.items()} if isinstance(body, dict) else {}
-
 
 @dataclass
 class Studio:
