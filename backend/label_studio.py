@@ -47,7 +47,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.util.retry import Retry
 
-from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError
+from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError, first_line
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -293,7 +293,7 @@ class LabelStudioClient:
             except requests.RequestException as e:
                 raise LabelStudioError(
                     f"{method} {url}: no answer from Label Studio ({type(e).__name__}: "
-                    f"{_first_line(e)})"
+                    f"{first_line(e)})"
                 ) from None
             log.debug(
                 "label studio %s %s -> %d in %.2f s",
@@ -329,8 +329,3 @@ def _shown(body: object) -> str:
     if not text:
         return "(empty body)"
     return text if len(text) <= SHOWN_BODY_CHARS else text[:SHOWN_BODY_CHARS] + "..."
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:300]

@@ -144,7 +144,7 @@ class LabelStudioAuth:
             response = self._post(url, json={"refresh": self._api_key}, timeout=REFRESH_TIMEOUT)
         except requests.RequestException as e:
             raise LabelStudioAuthError(
-                f"cannot refresh the personal access token at {url}: {_first_line(e)}"
+                f"cannot refresh the personal access token at {url}: {first_line(e)}"
             ) from None
         if response.status_code in (400, 401, 403):
             raise LabelStudioAuthError(
@@ -177,6 +177,8 @@ def _exp(claims: dict | None) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:300]
+def first_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters), for one-line log and user messages;
+    the error's type when it says nothing."""
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

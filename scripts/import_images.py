@@ -73,7 +73,12 @@ from label_studio_sdk.core.api_error import ApiError  # noqa: E402
 
 from backend.images import ImageError, load_image  # noqa: E402
 from backend.label_studio import LabelStudioClient, LabelStudioError  # noqa: E402
-from backend.ls_auth import LabelStudioAuth, LabelStudioAuthError, key_kind  # noqa: E402
+from backend.ls_auth import (  # noqa: E402
+    LabelStudioAuth,
+    LabelStudioAuthError,
+    first_line,
+    key_kind,
+)
 from backend.model import ConfigError, parse_label_config  # noqa: E402
 
 log = logging.getLogger("import_images")
@@ -431,7 +436,7 @@ def ls_errors(url: str, doing: str) -> Iterator[None]:
 def explain(error: BaseException, url: str) -> str | None:
     """A one-line reason for a Label Studio error; None for errors that are bugs."""
     if isinstance(error, httpx.ConnectError):
-        return f"cannot connect to Label Studio at {url} ({_first_line(error)})"
+        return f"cannot connect to Label Studio at {url} ({first_line(error)})"
     if isinstance(error, httpx.TimeoutException):
         return f"Label Studio at {url} did not answer in time ({type(error).__name__})"
     if isinstance(error, httpx.HTTPError):
@@ -461,8 +466,8 @@ def _api_error(error: ApiError, url: str) -> str:
 def _label_studio_error(error: Exception, url: str) -> str:
     status = getattr(error, "status", None)
     if status in (401, 403):
-        return f"Label Studio at {url} refused the API key: {_first_line(error)}"
-    return _first_line(error)
+        return f"Label Studio at {url} refused the API key: {first_line(error)}"
+    return first_line(error)
 
 
 def _shown(body: object) -> str:
@@ -474,11 +479,6 @@ def _shown(body: object) -> str:
     text = body if isinstance(body, str) else json.dumps(body, default=str)
     text = " ".join(text.split())
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
 
 
 # -- the project
@@ -551,7 +551,7 @@ def check_backend(backend: Backend) -> None:
     try:
         r = requests.get(f"{backend.url}/health", auth=backend.auth, timeout=(5, 30))
     except requests.RequestException as e:
-        raise Fatal(f"cannot connect to the backend at {backend.url} ({_first_line(e)})") from None
+        raise Fatal(f"cannot connect to the backend at {backend.url} ({first_line(e)})") from None
     if r.status_code == 401:
         given = "refused the basic-auth credentials" if backend.auth else "asks for basic auth"
         raise Fatal(f"the backend at {backend.url} {given} (HTTP 401): pass "
@@ -748,7 +748,7 @@ def send_batch(studio: Studio, project: Project, batch: list[Prepared], summary:
             bar.update(len(batch))
             return
         log.warning("a batch of %d images was refused (%s); importing them one by one",
-                    len(batch), _first_line(e))  # fmt: skip
+                    len(batch), first_line(e))  # fmt: skip
         for item in batch:
             send_batch(studio, project, [item], summary, bar)
         return
@@ -762,7 +762,7 @@ def _record_failure(studio: Studio, batch: list[Prepared], error: LabelStudioErr
     if error.status is None or error.status in (401, 403):  # nothing else will work either
         raise Fatal(f"importing images: {_label_studio_error(error, studio.url)}")
     for item in batch:
-        summary.failed.append((item.source.name, f"Label Studio refused it: {_first_line(error)}"))
+        summary.failed.append((item.source.name, f"Label Studio refused it: {first_line(error)}"))
 
 
 def _no_bar(progress: bool | None) -> bool | None:
@@ -780,7 +780,7 @@ def request_predictions(backend: Backend, project: Project) -> dict:
     try:
         r = requests.post(url, json={"project": project.id}, auth=backend.auth, timeout=(5, 60))
     except requests.RequestException as e:
-        raise Fatal(f"cannot reach the backend at {backend.url} ({_first_line(e)})") from None
+        raise Fatal(f"cannot reach the backend at {backend.url} ({first_line(e)})") from None
     body = _json_or_none(r)
     if r.status_code == 404:
         raise Fatal(f"{url} answered 404: this backend predates --preannotate; update it")
