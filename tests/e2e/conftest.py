@@ -402,3 +402,19 @@ def backend(
         _say(pytestconfig, f"backend ready in {time.monotonic() - started:.1f} s at "
              f"{server.url} (log {server.log_path})")  # fmt: skip
         yield server
+
+
+@pytest.fixture(scope="session")
+def personal_access_token(label_studio: LabelStudio) -> Iterator[str]:
+    """A personal access token (JWT refresh token) of the e2e user, revoked at the end.
+
+    Label Studio allows one per user, so every test that needs one shares this."""
+    made = requests.post(f"{label_studio.url}/api/token/", headers=label_studio.headers,
+                         timeout=30)  # fmt: skip
+    assert made.status_code == 201, (
+        f"cannot create a personal access token for the e2e user ({made.status_code}: {made.text})"
+    )
+    token = made.json()["token"]
+    yield token
+    requests.post(f"{label_studio.url}/api/token/blacklist/", json={"refresh": token},
+                  headers=label_studio.headers, timeout=30)  # fmt: skip

@@ -192,42 +192,35 @@ def test_a_wrong_token_is_one_error_line_and_a_failure(label_studio, faces):
     assert "never made" not in titles
 
 
-def test_a_personal_access_token_and_a_list_of_urls(label_studio, backend, faces, tmp_path):
+def test_a_personal_access_token_and_a_list_of_urls(
+    label_studio, backend, faces, tmp_path, personal_access_token
+):
     api = Api(label_studio)
-    made = requests.post(f"{label_studio.url}/api/token/", headers=label_studio.headers,
-                         timeout=30)  # fmt: skip
-    if made.status_code == 409:
-        pytest.skip("the e2e user already holds a personal access token (one per user)")
-    assert made.status_code == 201, made.text
-    pat = made.json()["token"]
-    try:
-        # Two photos uploaded to a scratch project: their Label Studio URLs are the list.
-        scratch = api(
-            "POST", "/api/projects", json={"title": "URL source", "label_config": LABEL_CONFIG}
-        ).json()["id"]
-        photos = sorted(faces.glob("*.png"))[:2]
-        files = {f"file{i}": (p.name, p.read_bytes(), "image/png") for i, p in enumerate(photos)}
-        api("POST", f"/api/projects/{scratch}/import", files=files)
-        urls = [label_studio.url + t["data"]["image"] for t in api.tasks(scratch)]
-        listing = tmp_path / "urls.txt"
-        listing.write_text("# faces\n\n" + "\n".join(urls) + "\nftp://elsewhere/x.jpg\n")
+    pat = personal_access_token
+    # Two photos uploaded to a scratch project: their Label Studio URLs are the list.
+    scratch = api(
+        "POST", "/api/projects", json={"title": "URL source", "label_config": LABEL_CONFIG}
+    ).json()["id"]
+    photos = sorted(faces.glob("*.png"))[:2]
+    files = {f"file{i}": (p.name, p.read_bytes(), "image/png") for i, p in enumerate(photos)}
+    api("POST", f"/api/projects/{scratch}/import", files=files)
+    urls = [label_studio.url + t["data"]["image"] for t in api.tasks(scratch)]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("# faces\n\n" + "\n".join(urls) + "\nftp://elsewhere/x.jpg\n")
 
-        user, password = backend.auth
-        code, out, err = run_script(
-            "--url", label_studio.url, "--api-key", pat, "--project", "Import e2e URLs",
-            "--images", str(listing), "--backend-url", backend.url, "--backend-user", user,
-            "--backend-password", password, "--preannotate", env={},
-        )  # fmt: skip
-        assert code == 0, err
-        assert "(personal access token)" in err
-        assert "imported: 2" in out and "ftp://elsewhere/x.jpg: not an image URL" in out
-        pid = api.project("Import e2e URLs")["id"]
-        tasks = api.tasks(pid)
-        assert sorted(t["data"]["image"] for t in tasks) == sorted(urls)
-        assert {t["data"]["sha256"] for t in tasks} == {
-            hashlib.sha256(u.encode()).hexdigest() for u in urls
-        }
-        check_predicted(api, pid, tasks)
-    finally:
-        requests.post(f"{label_studio.url}/api/token/blacklist/", json={"refresh": pat},
-                      headers=label_studio.headers, timeout=30)  # fmt: skip
+    user, password = backend.auth
+    code, out, err = run_script(
+        "--url", label_studio.url, "--api-key", pat, "--project", "Import e2e URLs",
+        "--images", str(listing), "--backend-url", backend.url, "--backend-user", user,
+        "--backend-password", password, "--preannotate", env={},
+    )  # fmt: skip
+    assert code == 0, err
+    assert "(personal access token)" in err
+    assert "imported: 2" in out and "ftp://elsewhere/x.jpg: not an image URL" in out
+    pid = api.project("Import e2e URLs")["id"]
+    tasks = api.tasks(pid)
+    assert sorted(t["data"]["image"] for t in tasks) == sorted(urls)
+    assert {t["data"]["sha256"] for t in tasks} == {
+        hashlib.sha256(u.encode()).hexdigest() for u in urls
+    }
+    check_predicted(api, pid, tasks)

@@ -274,15 +274,11 @@ def test_a_missing_task_fails_the_whole_batch(client: LabelStudioClient, project
     assert not [p for p in task["predictions"] if p["model_version"] == "test-gone"]
 
 
-def test_personal_access_token(label_studio: Any, project: Project) -> None:
+def test_personal_access_token(
+    label_studio: Any, project: Project, personal_access_token: str
+) -> None:
     """A PAT (JWT refresh token) is exchanged for an access token and works like the legacy key."""
-    r = _api(label_studio, "POST", "/api/token/")
-    assert r.status_code == 201, (
-        f"cannot create a personal access token for the e2e user ({r.status_code}: {r.text}); "
-        "if another test made one already, share it through a session fixture"
-    )
-    pat = r.json()["token"]
-    auth = LabelStudioAuth(label_studio.url, pat)
+    auth = LabelStudioAuth(label_studio.url, personal_access_token)
     assert auth.kind == PERSONAL
     pat_client = LabelStudioClient(label_studio.url, auth)
     try:
