@@ -151,8 +151,9 @@ class Simulation:
             "mean_e": float(np.mean(errors)),
         }
 
-    def confidence(self, model, offset, calibration) -> np.ndarray:
-        """Per pool face, the served confidence: P(both pupils within 0.05), as /predict says.
+    def confidence(self, model, offset, calibration, candidates: np.ndarray) -> np.ndarray:
+        """Per candidate pool face, the served confidence: P(both pupils within 0.05), as
+        /predict says (only the candidates are predicted: labelled faces are not ranked).
 
         Before any person's label exists (round 0) the served confidence of the coarse-trained
         model cannot be calibrated, so the coarse detector's own calibrated confidence ranks.
@@ -160,10 +161,11 @@ class Simulation:
         from backend.regressor.training import eye_cues, predict_samples
         from backend.regressor.uncertainty import eye_confidence
 
+        faces = self.pool.subset(candidates)
         if calibration is None:
-            return self.pool.coarse_confidence.prod(axis=1)
-        prediction = predict_samples(model, self.pool, offset)
-        return eye_confidence(eye_cues(prediction, self.pool), calibration).prod(axis=1)
+            return faces.coarse_confidence.prod(axis=1)
+        prediction = predict_samples(model, faces, offset)
+        return eye_confidence(eye_cues(prediction, faces), calibration).prod(axis=1)
 
     def retrain(self, model, labelled: np.ndarray, rng: np.random.Generator):
         """backend/retrain.py's run on the pool: people's faces + detector-labelled faces."""
@@ -210,7 +212,7 @@ class Simulation:
         for _ in bar:
             started = time.perf_counter()
             candidates = np.setdiff1d(np.arange(len(self.pool)), labelled)
-            confidence = self.confidence(model, offset, calibration)[candidates]
+            confidence = self.confidence(model, offset, calibration, candidates)
             picked = select_batch(
                 strategy, confidence, self.plan.per_round, rng, self.embedding[candidates]
             )
