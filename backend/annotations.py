@@ -138,17 +138,22 @@ def _pupil_points(regions: Sequence) -> tuple[list[_Point], bool]:
 
 
 def _pixels(value: Mapping, region: Mapping) -> np.ndarray | None:
-    """A keypoint's (x, y) in pixels from Label Studio's percentages; None when unusable."""
+    """A keypoint's (x, y) in pixels from Label Studio's percentages; None when unusable
+    (missing, not a number, out of range, or pixels past what a float holds)."""
+    fields = (value.get("x"), value.get("y"), region.get("original_width"),
+              region.get("original_height"))  # fmt: skip
+    if any(isinstance(v, bool) for v in fields):  # float(True) is 1.0: not a coordinate
+        return None
     try:
-        x, y = float(value["x"]), float(value["y"])
-        width, height = float(region["original_width"]), float(region["original_height"])
-    except (KeyError, TypeError, ValueError, OverflowError):
+        x, y, width, height = (float(v) for v in fields)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return None
     if not all(math.isfinite(v) for v in (x, y, width, height)) or width <= 0 or height <= 0:
         return None
     if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
         return None
-    return np.array([x * width / 100.0, y * height / 100.0])
+    pixels = np.array([x * width / 100.0, y * height / 100.0])
+    return pixels if bool(np.all(np.isfinite(pixels))) else None
 
 
 def pair_pupils(points: Sequence[_Point]) -> tuple[list[PupilPair], int]:

@@ -15,9 +15,11 @@ short class for metrics and logs, the message says what to change.
   taking the bytes when Label Studio proxies them).
 - `data:image/...;base64,...`: decoded in place, within the byte limit.
 
-Any other host or scheme (`file:`, `ftp:`, ...) is refused. Redirects are followed (at most
-MAX_REDIRECTS) only to the same host and port, except the one from Label Studio's presign
-endpoint to the signed URL; the API key is only ever sent to LABEL_STUDIO_URL's host.
+Any other host or scheme (`file:`, `ftp:`, ...) is refused, whatever its address. Redirects
+are followed (at most MAX_REDIRECTS) only to the same host and port, except the one from Label
+Studio's presign endpoint to the signed URL, which must resolve to public addresses only (no
+loopback, private, link-local such as 169.254.169.254, ...) unless its host is allowlisted;
+the API key is only ever sent to LABEL_STUDIO_URL's host.
 Downloads stream with a byte limit, connect/read timeouts and a total deadline. Downloaded
 bytes are kept in a size-bounded LRU cache (IMAGE_CACHE_MB); local files are read afresh.
 """
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -414,7 +418,7 @@ class ImageSource:
                     target = urljoin(url, response.headers.get("Location", ""))
                     # Label Studio's presign answer is the one hop allowed to leave its host.
                     signed_url_hop = presign and hops == 1 and to_label_studio
-                    self._check_redirect(url, target, ref, any_host=signed_url_hop)
+                    self._check_redirect(url, target, ref, signed_url_hop=signed_url_hop)
                     url = target
                     continue
                 self._check_status(response, ref, to_label_studio)
@@ -440,19 +444,34 @@ class ImageSource:
                 DOWNLOAD_FAILED, f"cannot download {_shown(ref)!r}: {_reason(e)}"
             ) from None
 
-    @staticmethod
-    def _check_redirect(url: str, target: str, ref: str, *, any_host: bool) -> None:
+    def _check_redirect(self, url: str, target: str, ref: str, *, signed_url_hop: bool) -> None:
+        """Redirects stay on the host, except Label Studio's presign answer, which may send us
+        to the storage's signed URL: a public host, Label Studio's, or an allowlisted one (a
+        compromised or misconfigured storage must not point the backend at 169.254.169.254 or
+        the private network)."""
         parts = urlsplit(target)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ImageSourceError(
                 FORBIDDEN_SOURCE,
                 f"downloading {_shown(ref)!r} redirected to {_shown(target)!r}; refused",
             )
-        if not any_host and not _same_host(parts, urlsplit(url)):
+        if _same_host(parts, urlsplit(url)):
+            return
+        if not signed_url_hop:
             raise ImageSourceError(
                 FORBIDDEN_SOURCE,
                 f"downloading {_shown(ref)!r} redirected to another host ({parts.netloc}); "
                 "redirects are only followed on the same host",
+            )
+        if self._is_label_studio(parts) or self._is_allowed(parts):
+            return
+        private = _non_public_address(parts.hostname)
+        if private:
+            raise ImageSourceError(
+                FORBIDDEN_SOURCE,
+                f"the signed URL for {_shown(ref)!r} points at {parts.netloc!r}, a {private} "
+                f"address; refused (add {parts.netloc!r} to ALLOWED_IMAGE_HOSTS if your "
+                "storage really lives there, e.g. MinIO on the local network)",
             )
 
     def _check_status(self, response: requests.Response, ref: str, to_label_studio: bool) -> None:
@@ -542,6 +561,26 @@ def _same_host(a: SplitResult, b: SplitResult) -> bool:
         )
     except ValueError:  # a port that is not a number
         return False
+
+
+def _non_public_address(host: str) -> str:
+    """'' when every address `host` resolves to is a public one, else what the first other one
+    is ("loopback", "private", "link-local", ...). A name that does not resolve is refused too
+    (the download could not succeed anyway)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return "unresolvable"
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
+            if getattr(address, f"is_{kind}"):
+                return kind.replace("_", "-")
+        if not address.is_global:
+            return "non-global"
+    return ""
 
 
 def _too_large(size: str, limit: int) -> ImageSourceError:

@@ -12,6 +12,11 @@ the annotation's own `updated_at`, so a late-delivered ANNOTATION_CREATED cannot
 ANNOTATION_UPDATED); a deletion leaves a tombstone, so an out-of-order update cannot bring a
 deleted annotation back. Each project counts label changes (`label_seq`); a training run
 records the count it saw (`trained_seq`), so "new labels since the last run" is a subtraction.
+
+A write that cannot be made (the disk is full: SQLITE_FULL; the database locked past the
+timeout) raises LabelStoreError, having changed nothing: SQLite rolls the transaction back, so
+the store stays intact and callers must not report the event as recorded (the next training
+run's reconciliation with Label Studio's API brings such annotations in once it can write).
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FILENAME = "labels.sqlite3"
+
+
+class LabelStoreError(RuntimeError):
+    """The label store cannot be read or written now (disk full, locked); nothing was changed.
+    The message names the file and SQLite's reason."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS annotations (
@@ -111,9 +122,13 @@ class LabelStore:
         if db is not None and self._local.pid != os.getpid():
             db = None  # inherited through fork: a connection must not cross processes
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a recorded label survives a power cut
+            try:
+                db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")  # a recorded label survives a power cut
+            except sqlite3.OperationalError as e:
+                raise LabelStoreError(f"the label store {self.path} cannot be opened: "
+                                      f"{_sqlite_reason(e)}") from e  # fmt: skip
             db.row_factory = sqlite3.Row
             self._local.db = db
             self._local.pid = os.getpid()
@@ -121,14 +136,31 @@ class LabelStore:
 
     @contextmanager
     def _write(self):
+        """One short write transaction: committed whole, or rolled back and LabelStoreError
+        (for SQLite's own errors: a full disk, a lock held past the timeout)."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")  # may fail too (SQLITE_FULL writing the WAL)
+            except BaseException:
+                self._roll_back(db)
+                raise
+        except sqlite3.OperationalError as e:
+            raise LabelStoreError(f"the label store {self.path} cannot be written, nothing was "
+                                  f"recorded: {_sqlite_reason(e)}") from e  # fmt: skip
+
+    def _roll_back(self, db: sqlite3.Connection) -> None:
+        """End the failed transaction (SQLite may have rolled it back itself); a connection
+        that cannot is dropped, so this thread's next write starts clean."""
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.warning("label store: rollback failed; reopening the connection")
+            self._local.db = None
+            db.close()
 
     # -- annotations ---------------------------------------------------------------------------
 
@@ -357,6 +389,12 @@ def label_store(model_dir: Path) -> LabelStore:
         if key not in _stores:
             _stores[key] = LabelStore(key)
         return _stores[key]
+
+
+def _sqlite_reason(e: sqlite3.Error) -> str:
+    """SQLite's error name and message: "SQLITE_FULL: database or disk is full"."""
+    name = getattr(e, "sqlite_errorname", None)
+    return f"{name}: {e}" if name else str(e)
 
 
 def _state(row: sqlite3.Row) -> ProjectState:

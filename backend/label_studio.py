@@ -27,7 +27,9 @@ Label Studio facts this relies on (1.23.2, checked by tests/e2e/test_label_studi
 
 - `GET /api/tasks?project=P&fields=all&page=N&page_size=S` answers
   `{"tasks": [...], "total": T, "total_annotations": ..., "total_predictions": ...}`; with
-  `fields=all` each task carries its `annotations` and `predictions` lists. A page past the
+  `fields=all` each task carries its `annotations` and `predictions` lists. With
+  `query={"selectedItems": {"all": false, "included": [ids]}}` only those tasks are listed
+  (and counted in `total`). A page past the
   end answers 404 (Django REST framework's "Invalid page"), a missing project too, so 404 ends
   the paging only after page 1. An answer that is a bare list (no total) is accepted too.
 - `POST /api/projects/P/import/predictions` answers 201 `{"created": n}` and silently drops
@@ -37,6 +39,7 @@ Label Studio facts this relies on (1.23.2, checked by tests/e2e/test_label_studi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -144,17 +147,23 @@ class LabelStudioClient:
         """The project (GET /api/projects/{id}): title, label_config, model_version, counters."""
         return self._json("GET", f"/api/projects/{int(project_id)}")
 
-    def tasks(self, project_id: int, *, page_size: int = 100) -> Iterator[dict]:
+    def tasks(
+        self, project_id: int, *, page_size: int = 100, ids: Sequence[int] | None = None
+    ) -> Iterator[dict]:
         """Every task of the project, page by page, each with its `annotations` and
         `predictions` lists (GET /api/tasks?fields=all). Lazy: a page is fetched when the
         previous one is used up. Pages are in task id order by offset, so a task deleted
-        while paging may make one later task be skipped.
+        while paging may make one later task be skipped. `ids`: only those tasks (the Data
+        Manager's `query={"selectedItems": {"all": false, "included": [...]}}`); ids not in
+        the project are left out.
 
         Beware: when the project has "retrieve predictions automatically"
         (`evaluate_predictions_automatically`) and a model connected, Label Studio asks the
         model's /predict for each task of a page that has no prediction before answering."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
+        if ids is not None and not ids:
+            return
         page = 1
         seen = 0
         while True:
@@ -164,6 +173,9 @@ class LabelStudioClient:
                 "page": page,
                 "page_size": page_size,
             }
+            if ids is not None:
+                selected = {"all": False, "included": [int(i) for i in ids]}
+                params["query"] = json.dumps({"selectedItems": selected})
             try:
                 body = self._json("GET", "/api/tasks", params=params)
             except LabelStudioError as e:

@@ -125,6 +125,11 @@ def warm_up(variant: str) -> None:
 # The label config
 
 
+# Label Studio configs are a few KB (a big taxonomy: hundreds of KB); 64 cached parses of this
+# size hold at most ~128 MB, whatever a client sends.
+MAX_LABEL_CONFIG_CHARS = 2_000_000
+
+
 @dataclass(frozen=True)
 class LabelTargets:
     """What the backend fills in a project's label config."""
@@ -139,6 +144,11 @@ def parse_label_config(label_config: str) -> LabelTargets:
     config lacks them or they cannot be used. Cached per distinct config string."""
     if not isinstance(label_config, str) or not label_config.strip():
         raise ConfigError("the label config is empty; it needs an <Image> and a <KeyPointLabels>")
+    if len(label_config) > MAX_LABEL_CONFIG_CHARS:
+        raise ConfigError(
+            f"the label config has {len(label_config):,} characters; at most "
+            f"{MAX_LABEL_CONFIG_CHARS:,} are read"
+        )
     return _parse_label_config(label_config)
 
 
@@ -401,7 +411,22 @@ def _presign_id(task_id: object) -> int | None:
 
 def _shown_id(task_id: object) -> str:
     """A task id for a log line: one short token, whatever the caller sent."""
-    return str(task_id)[:40].replace(" ", "_").replace("\n", "_")
+    return loggable(task_id, 40).replace(" ", "_")
+
+
+def loggable(value: object, limit: int = 80) -> str:
+    """What a client sent, for a log line: printable ASCII on one line (control characters and
+    other characters escaped, so no value can break or forge a line), at most about `limit`
+    characters."""
+    if isinstance(value, (dict, list, tuple)):
+        return f"<{type(value).__name__}>"  # never a container's text: it may be huge or deep
+    text = value if isinstance(value, str) else str(value)
+    shown = text[:limit].encode("unicode_escape").decode("ascii")
+    if len(shown) > limit:
+        shown = shown[: limit - 3] + "..."
+    elif len(text) > limit:
+        shown += "..."
+    return shown
 
 
 def _ms(started: float) -> float:

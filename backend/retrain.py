@@ -15,13 +15,20 @@ One run of `train_project(settings, project, job_id)`:
    reason go to the project's decisions log;
 6. after a promotion, queue the "predict" job that pushes the new predictions to Label Studio.
 
-A run that fails leaves its labels pending and is retried with backoff; one killed mid-way
-leaves no version behind (versions appear atomically) and the serving model unchanged.
+A run that fails leaves its labels pending and is retried with backoff; its reason is recorded
+(an OSError with its errno name, e.g. ENOSPC when the disk is full). One killed mid-way or
+failing mid-write leaves no version behind (versions appear atomically; a half-written one left
+by a killed run is swept by the next run of the project) and the serving model unchanged. The
+serving model a candidate must beat is what serves the project: its promoted version, else the
+last good one promoted before it (backend/model_store.py), else MODEL_DIR's, else the coarse
+detector.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +40,7 @@ from backend.evaluation import group_split
 from backend.label_store import LabelStore, label_store
 from backend.label_studio import LabelStudioClient
 from backend.model import ConfigError, model_version, parse_label_config, shared_image_source
-from backend.model_store import ModelStore, ModelVersion
+from backend.model_store import SERVING, ModelStore
 from backend.project_dirs import project_dir, serving_roots, training_lock
 from backend.settings import Settings
 from backend.training_set import build_training_set, labelled_tasks
@@ -52,6 +59,7 @@ def train_project(settings: Settings, project: int, job_id: str = "") -> dict:
     """One training run for `project` (see the module docstring); returns what it did."""
     store = label_store(settings.model_dir)
     with training_lock(settings.model_dir, project, timeout_s=settings.train_timeout_s):
+        _sweep(settings, project)
         _wait_for_quiet(store, project, settings.train_debounce_s)
         try:
             client = LabelStudioClient.from_settings(settings)
@@ -59,16 +67,10 @@ def train_project(settings: Settings, project: int, job_id: str = "") -> dict:
             seq, started = store.start_run(project, job_id)
             record = _train(settings, store, client, project, tasks, seq)
         except Exception as e:
-            state = store.project(project)
-            failures = (state.failures if state else 0) + 1
-            wait = min(RETRY_BASE_S * 2 ** (failures - 1), RETRY_MAX_S)
-            store.unmark_queued(project, job_id)
-            store.fail_run(project, time.time() + wait, {
-                "outcome": "failed", "reason": f"{type(e).__name__}: {e}", "at": time.time(),
-                "retry_in_s": wait, "job": job_id,
-            })  # fmt: skip
-            log.exception("project=%s job=%s outcome=failed retry_in_s=%.0f", project, job_id,
-                          wait)  # fmt: skip
+            reason = failure_reason(e)
+            wait = _record_failure(store, project, job_id, reason)
+            log.exception("project=%s job=%s outcome=failed retry_in_s=%s reason=%s", project,
+                          job_id, "?" if wait is None else f"{wait:.0f}", reason)  # fmt: skip
             raise
         record = {**record, "job": job_id, "label_seq": seq, "at": time.time(),
                   "seconds": round(time.time() - started, 1)}  # fmt: skip
@@ -78,6 +80,48 @@ def train_project(settings: Settings, project: int, job_id: str = "") -> dict:
     if record["outcome"] == "promoted":
         _queue_predictions(settings, project)
     return record
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying why a run failed: the exception's type and message, and for an OSError
+    its errno's name (ENOSPC: the disk is full), which h5py and friends bury in a long text."""
+    text = " ".join(str(e).split())
+    code = getattr(e, "errno", None)
+    if isinstance(e, OSError) and isinstance(code, int) and code in errno.errorcode:
+        name = errno.errorcode[code]
+        text = f"{name} ({os.strerror(code)}): {text}"
+    return f"{type(e).__name__}: {text}"[:2000]
+
+
+def _record_failure(store: LabelStore, project: int, job_id: str, reason: str) -> float | None:
+    """Record a failed run and its backoff; returns the backoff in seconds. When even that
+    cannot be written (the label store's disk is full too), say so in the log, return None and
+    leave the run's own error to propagate: its labels stay pending either way."""
+    try:
+        state = store.project(project)
+        failures = (state.failures if state else 0) + 1
+        wait = min(RETRY_BASE_S * 2 ** (failures - 1), RETRY_MAX_S)
+        store.unmark_queued(project, job_id)
+        store.fail_run(project, time.time() + wait, {
+            "outcome": "failed", "reason": reason, "at": time.time(), "retry_in_s": wait,
+            "job": job_id,
+        })  # fmt: skip
+        return wait
+    except Exception:
+        log.exception("project=%s job=%s: the failed run could not be recorded (its labels stay "
+                      "pending; the scheduler tries again)", project, job_id)  # fmt: skip
+        return None
+
+
+def _sweep(settings: Settings, project: int) -> None:
+    """Remove half-written versions a killed run left in the project's store: under the
+    project's training lock nobody else writes there, so any temporary directory is stale."""
+    root = project_dir(settings.model_dir, project)
+    if root.is_dir():
+        removed = ModelStore(root).sweep(older_than_s=0)
+        if removed:
+            log.warning("project=%s removed half-written versions: %s", project,
+                        ", ".join(removed))  # fmt: skip
 
 
 def _wait_for_quiet(store: LabelStore, project: int, debounce_s: float) -> None:
@@ -169,13 +213,12 @@ def _train(
     ])  # fmt: skip
     config = TrainConfig(labels="truth", epochs=settings.train_epochs, seed=SEED)
 
-    serving, serving_name = _serving(settings, project)
+    loaded, serving_name = _serving(settings, project, load_version)
     initial = None
-    if serving is None:
+    if loaded is None:
         serving_errors = face_errors(val.coarse, val)
         serving_name = model_version(settings.coarse_variant)
     else:
-        loaded = load_version(serving)
         serving_errors = face_errors(predict_samples(loaded.model, val, loaded.label_offset).xy,
                                      val)  # fmt: skip
         if loaded.network == config.network:
@@ -212,13 +255,18 @@ def _train(
             "train_faces": len(train), "val_faces": len(val), "metrics": metrics}  # fmt: skip
 
 
-def _serving(settings: Settings, project: int) -> tuple[ModelVersion | None, str | None]:
-    """The regressor serving this project (its own, else the global one), or (None, None)."""
+def _serving(settings: Settings, project: int, load) -> tuple[Any, str | None]:
+    """The regressor serving this project, loaded with `load` (its own promoted version, else
+    the last good one promoted before it, else the global one), or (None, None)."""
     for root in serving_roots(settings.model_dir, project):
-        if (root / "serving.json").exists():
-            version = ModelStore(root).serving()
-            if version is not None:
-                return version, version.name
+        if (root / SERVING).exists():
+            choice = ModelStore(root).resolve_serving(load=load)
+            if choice.problems:
+                log.warning("project=%s serving model for comparison: %s (%s)", project,
+                            choice.version.name if choice.version else "none here",
+                            "; ".join(choice.problems))  # fmt: skip
+            if choice.version is not None:
+                return choice.loaded, choice.version.name
     return None, None
 
 

@@ -6,6 +6,8 @@ in the label store: a due project whose slot is free gets one job; while that jo
 events add nothing (they are in the label store, and the job reads the store when it starts:
 a burst of events becomes one run). A run in progress plus one waiting is the most a project
 ever has, and the training lock (backend/project_dirs.py) lets only one of them train at once.
+A START_TRAINING is answered by the first run that starts after it: while that run trains, the
+request queues nothing more.
 
 The scheduler is woken by every webhook and also looks every `interval_s` by itself, so work
 left pending by a Redis outage, a failed run (retried with backoff) or a killed worker is
@@ -66,13 +68,18 @@ class Scheduler:
         """Why `state`'s project should train now, or None."""
         if state.retry_at is not None and now < state.retry_at:
             return None
-        if state.requested is not None:
+        running = state.running_seq is not None and training_running(
+            self.settings.model_dir, state.id
+        )
+        if state.requested is not None and not (
+            running and state.running_since is not None and state.running_since >= state.requested
+        ):  # a run that started after the request answers it: no second run for it
             return "training requested (START_TRAINING)"
         every = self.settings.train_every
         if every <= 0:
             return None
         base = state.trained_seq
-        if state.running_seq is not None and training_running(self.settings.model_dir, state.id):
+        if running:
             base = max(base, state.running_seq)
         new = state.label_seq - base
         return f"{new} new labels (TRAIN_EVERY_N_LABELS={every})" if new >= every else None

@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -531,6 +531,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def run_interruptibly(
+    run: Callable[[argparse.Namespace], dict], args: argparse.Namespace
+) -> dict | None:
+    """`run(args)`, stopped by SIGTERM as by Ctrl-C (also when started in the background, where
+    SIGINT is ignored): KeyboardInterrupt unwinds the context managers that stop the servers.
+    None when interrupted."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, required=True)
@@ -548,18 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = check_args(args)
     if problem:
         parser.error(problem)
-    import signal
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM too: stop the servers on the way out
-
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
-        signal.signal(signal.SIGINT, interrupt)
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
+    report = run_interruptibly(run, args)
+    if report is None:
         return 130
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

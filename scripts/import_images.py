@@ -20,9 +20,11 @@ Every step is safe to repeat, so an interrupted import is simply run again:
    become tasks {"image": "/data/upload/...", "sha256": ..., "source": <path or URL>}.
 4. Pre-annotation (--preannotate): the backend's predict job (POST /jobs/predict) predicts every
    task without a prediction of the serving model version and imports the predictions into
-   Label Studio in batches -- no 100 s limit, unlike the Data Manager's "Retrieve
-   Predictions". The script waits until every task has one and the project's model version is
-   set (--timeout).
+   Label Studio in chunks that every job worker takes part in -- no 100 s limit, unlike the
+   Data Manager's "Retrieve Predictions". The script waits until every task has one and the
+   project's model version is set (--timeout), watching the job too (GET /jobs/<id>): a failed
+   job ends the wait at once with its error; parts the backend retries (Label Studio away for
+   a while) are said once and waited for.
 
 How files are uploaded (Label Studio 1.23.2): a task made by uploading a file holds only the
 file's URL, so files are uploaded without making tasks (`POST /api/projects/<id>/import?
@@ -790,20 +792,70 @@ def request_predictions(backend: Backend, project: Project) -> dict:
     return body
 
 
+class JobWatch:
+    """The backend's view of its predict job (GET /jobs/<id>): a failed job ends the wait at
+    once, with its error. `status()` is None when the backend cannot tell now, said once per
+    reason: an older backend, or a server process other than the one running the job (404;
+    without REDIS_URL each process knows only its own jobs), the queue or the backend not
+    answering. Label Studio's predictions are watched all the same, and the job asked again."""
+
+    def __init__(self, backend: Backend, job_id: str) -> None:
+        self.backend = backend
+        self.job_id = job_id
+        self._said: set[str] = set()
+
+    def status(self) -> dict | None:
+        url = f"{self.backend.url}/jobs/{self.job_id}"
+        try:
+            r = requests.get(url, auth=self.backend.auth, timeout=(5, 30))
+        except requests.RequestException as e:
+            self._say_once(f"the backend did not answer about job {self.job_id} "
+                           f"({first_line(e)}); asking again")  # fmt: skip
+            return None
+        body = _json_or_none(r)
+        if r.status_code == 404:
+            self._say_once(f"the backend does not know job {self.job_id} "
+                           f"({body.get('error') or 'HTTP 404'}); watching Label Studio's "
+                           "predictions")  # fmt: skip
+            return None
+        if r.status_code != 200 or not isinstance(body.get("status"), str):
+            self._say_once(f"the backend answered HTTP {r.status_code} about job "
+                           f"{self.job_id}: {body.get('error') or _shown(r.text)}")  # fmt: skip
+            return None
+        if body.get("last_error"):
+            self._say_once(f"the backend retries part of the job: {body['last_error']}")
+        return body
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.warning("%s", message)
+
+
 def wait_for_predictions(
     studio: Studio, project: Project, version: str, timeout_s: float, progress: bool | None,
-    clock: Callable[[], float] = time.monotonic,
+    job: JobWatch | None = None, clock: Callable[[], float] = time.monotonic,
 ) -> int:  # fmt: skip
-    """Poll Label Studio until every task has a prediction of `version` and the project's
-    model version is `version`; the number of tasks. Fatal after `timeout_s`."""
+    """Poll the backend's job and Label Studio until every task has a prediction of `version`
+    and the project's model version is `version`; the number of tasks. Fatal when the job
+    failed (at once, with its error), when it finished and tasks still lack a prediction, or
+    after `timeout_s`."""
     deadline = clock() + timeout_s
     pause, longest = POLL_S
     bar = tqdm(desc=f"predictions ({version})", unit="task", disable=_no_bar(progress))
     with bar:
         while True:
+            state = job.status() if job is not None else None  # asked before Label Studio
+            if state is not None and state["status"] == "failed":
+                raise Fatal(f"pre-annotation failed: the backend's job {job.job_id} failed: "
+                            f"{state.get('error') or 'no reason given'}; see the backend's "
+                            "(or worker's) log, then run again with --preannotate (tasks "
+                            "already predicted are kept)")  # fmt: skip
             done, total, current = _prediction_progress(studio, project, version)
             bar.total = total
             bar.n = min(done, total)
+            if state is not None:
+                bar.set_postfix_str(_job_postfix(state), refresh=False)
             bar.refresh()
             if (
                 done >= total
@@ -811,6 +863,13 @@ def wait_for_predictions(
                 and _every_task_predicted(studio, project, version)
             ):
                 return total
+            if state is not None and state["status"] == "finished":
+                raise Fatal(
+                    f"the backend's job {job.job_id} finished, but {min(done, total)} of "
+                    f"{total} tasks have a prediction of {version} (project model version "
+                    f"{current!r}): tasks imported while it ran, or predictions Label Studio "
+                    "refused (see the backend's log); run again with --preannotate"
+                )
             if clock() > deadline:
                 raise Fatal(
                     f"timed out after {timeout_s:.0f} s: {min(done, total)} of {total} tasks "
@@ -821,6 +880,17 @@ def wait_for_predictions(
                 )
             time.sleep(min(pause, max(deadline - clock(), 0.0)))
             pause = min(pause * 1.5, longest)
+
+
+def _job_postfix(state: dict) -> str:
+    """'job started, chunks 3/20 done, 1 retrying' for the progress bar."""
+    text = f"job {state['status']}"
+    chunks = state.get("chunks")
+    if isinstance(chunks, dict) and chunks.get("total"):
+        text += f", chunks {chunks.get('finished', 0)}/{chunks['total']} done"
+        if chunks.get("retrying"):
+            text += f", {chunks['retrying']} retrying"
+    return text
 
 
 def _prediction_progress(studio: Studio, project: Project, version: str) -> tuple[int, int, str]:
@@ -885,9 +955,12 @@ def preannotate(studio: Studio, project: Project, backend: Backend, options: Opt
     started = time.monotonic()
     answer = request_predictions(backend, project)
     version = answer["model_version"]
-    print(f"pre-annotation queued: job {answer.get('job')}, model version {version}")
+    job_id = answer.get("job")
+    print(f"pre-annotation queued: job {job_id}, model version {version}")
+    job = JobWatch(backend, job_id) if isinstance(job_id, str) else None
     with logging_redirect_tqdm():
-        total = wait_for_predictions(studio, project, version, options.timeout_s, options.progress)
+        total = wait_for_predictions(studio, project, version, options.timeout_s, options.progress,
+                                     job)  # fmt: skip
     print(f"pre-annotated: {total} tasks have a prediction of {version} "
           f"({time.monotonic() - started:.1f} s)")  # fmt: skip
 

@@ -214,7 +214,8 @@ def test_cloud_uris_follow_label_studios_presign_redirect(label_studio, image_ho
     _presign(label_studio, 7, Reply(302, headers={"Location": signed}))
     image_host.route("/bucket/face.png", Reply(200, IMAGE))
     uri = f"{scheme}://bucket/photos/face 1.png"
-    assert source_for(label_studio).fetch(uri, 7) == IMAGE
+    # The stand-in storage is on 127.0.0.1, which only an allowlist opens (see below).
+    assert source_for(label_studio, allowed_image_hosts=(image_host.netloc,)).fetch(uri, 7) == IMAGE
     (presign,) = label_studio.seen("/tasks/7/presign/")
     assert _fileuri(presign) == uri
     assert presign.authorization == f"Token {KEY}"
@@ -225,7 +226,7 @@ def test_cloud_uris_follow_label_studios_presign_redirect(label_studio, image_ho
 
 def test_cloud_uris_proxied_by_label_studio_and_their_failures(label_studio, image_host):
     _presign(label_studio, 8, Reply(200, IMAGE))  # storage with presigning off: LS proxies
-    source = source_for(label_studio)
+    source = source_for(label_studio, allowed_image_hosts=(image_host.netloc,))
     assert source.fetch("s3://bucket/a.png", 8) == IMAGE
     fails(source, "s3://bucket/a.png", BAD_REFERENCE, "needs the task's id", task_id=None)
     fails(source_for(), "gs://bucket/a.png", NOT_CONFIGURED, "LABEL_STUDIO_URL", task_id=8)
@@ -241,6 +242,58 @@ def test_cloud_uris_proxied_by_label_studio_and_their_failures(label_studio, ima
     image_host.route("/b/y.png", Reply(307, headers={"Location": f"{label_studio.url}{UPLOAD}"}))
     _presign(label_studio, 10, Reply(302, headers={"Location": onward}))
     fails(source, "s3://b/y.png", FORBIDDEN_SOURCE, "another host", task_id=10)
+
+
+@pytest.mark.parametrize(
+    ("signed", "kind"),
+    [
+        ("http://169.254.169.254/latest/meta-data/iam", "link-local"),  # cloud metadata
+        ("http://10.0.0.7/bucket/a.png", "private"),
+        ("http://192.168.1.20:9000/bucket/a.png", "private"),
+        ("http://[::1]:9000/bucket/a.png", "loopback"),
+        ("http://0.0.0.0/a.png", "unspecified"),
+        ("http://localhost:9000/a.png", "loopback"),
+        ("http://no-such-host.invalid/a.png", "unresolvable"),
+    ],
+)
+def test_signed_urls_to_non_public_addresses_are_refused_unless_allowlisted(
+    label_studio, signed, kind
+):
+    _presign(label_studio, 11, Reply(302, headers={"Location": signed}))
+    error = fails(source_for(label_studio), "s3://b/a.png", FORBIDDEN_SOURCE, f"a {kind} address",
+                  task_id=11)  # fmt: skip
+    assert "ALLOWED_IMAGE_HOSTS" in str(error)
+
+
+def test_a_signed_url_on_loopback_is_read_once_allowlisted(label_studio, image_host):
+    image_host.route("/bucket/a.png", Reply(200, IMAGE))
+    _presign(label_studio, 12, Reply(302, headers={"Location": f"{image_host.url}/bucket/a.png"}))
+    fails(source_for(label_studio), "s3://bucket/a.png", FORBIDDEN_SOURCE, "a loopback address",
+          task_id=12)  # fmt: skip
+    assert image_host.requests == []  # refused before any connection
+    allowed = source_for(label_studio, allowed_image_hosts=("127.0.0.1",))
+    assert allowed.fetch("s3://bucket/a.png", 12) == IMAGE
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/x.png",
+        "http://localhost/x.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/x.png",
+        "http://172.16.0.1/x.png",
+        "http://192.168.0.10/x.png",
+        "http://[::1]/x.png",
+        "http://[fe80::1]/x.png",
+        "https://example.com/x.png",
+    ],
+)
+def test_plain_urls_off_label_studios_host_are_refused_whatever_their_address(url):
+    """Only LABEL_STUDIO_URL's host and ALLOWED_IMAGE_HOSTS are read: loopback, link-local
+    and private addresses are refused like any other host, before any connection."""
+    source = source_for(label_studio_url="http://127.0.0.1:9", label_studio_api_key=KEY)
+    fails(source, url, FORBIDDEN_SOURCE, "ALLOWED_IMAGE_HOSTS")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@
   down, 202 and the job queued. Queued on the in-process queue, the job really runs: with no
   regressor promoted the coarse detector predicts every task that has no prediction of its
   version yet, the predictions are imported and the project's model version set. On RQ (a real
-  redis-server) the job lands in the queue and a worker runs it the same way.
+  redis-server) the job lands in the queue and a worker runs it and the chunk it queues.
+- Waiting for the predictions watches the job too (GET /jobs/<id>): a failed job ends the wait
+  at once with its error, a finished one with tasks still unpredicted too; a job the backend
+  does not know is said once and Label Studio watched; a part being retried is said once.
 """
 
 from __future__ import annotations
@@ -527,13 +530,16 @@ def test_a_predict_job_goes_to_rq_and_a_worker_runs_it(tmp_path, ls_fake, redis_
     monkeypatch.setenv("LABEL_STUDIO_URL", fake.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
     jobs.worker_settings.cache_clear()
     try:
         queue = Queue(jobs.QUEUE_NAME, connection=connection)
-        SimpleWorker([queue], connection=connection).work(burst=True)
+        SimpleWorker([queue], connection=connection).work(burst=True)  # the job, then its chunk
     finally:
         jobs.worker_settings.cache_clear()
     assert Job.fetch(job_id, connection=connection).get_status() == "finished"
+    chunk = Job.fetch(f"{job_id}-c001", connection=connection)
+    assert chunk.get_status() == "finished" and chunk.kwargs == {"tasks": [1]}
     check_predicted_task_1_only(state)
 
 
@@ -549,20 +555,78 @@ def test_with_redis_down_the_route_is_a_503_naming_the_queue(tmp_path):
 # Waiting for the predictions, and personal access tokens
 
 
-def test_waiting_for_predictions_times_out_with_what_is_missing(script, fake):
+@pytest.fixture
+def one_of_three(script, fake):
+    """Project 1 (three tasks) where one task has a prediction of COARSE, and the backend (the
+    same local server) with job JOB; the Studio and the Project."""
     from label_studio_sdk import LabelStudio
 
     fake.route("/api/projects/1/", json_reply({"id": 1, "task_number": 3, "model_version": ""}))
     fake.route("/api/projects/1/model-versions", json_reply({COARSE: 1}))
     uploads = script.UploadClient(fake.url, LabelStudioAuth(fake.url, "k"), retry=Retry(0))
     studio = script.Studio(fake.url, LabelStudio(base_url=fake.url, api_key="k"), uploads)
-    project = script.Project(1, "P", "image", created=False)
+    return studio, script.Project(1, "P", "image", created=False)
+
+
+JOB = "predict-p1-rq-0123abcd"
+
+
+def test_waiting_for_predictions_times_out_with_what_is_missing(script, one_of_three):
     with pytest.raises(
         script.Fatal,
         match=r"timed out after 1 s: 1 of 3 tasks have a "
         rf"prediction of {re.escape(COARSE)} \(project model version ''\)",
     ):
-        script.wait_for_predictions(studio, project, COARSE, timeout_s=0.6, progress=False)
+        script.wait_for_predictions(*one_of_three, COARSE, timeout_s=0.6, progress=False)
+
+
+def test_a_failed_job_ends_the_wait_at_once_with_its_error(script, fake, one_of_three):
+    error = "1 of 2 chunks failed; predict-p1-rq-0123abcd-c001: GET http://ls/api/tasks: no answer"
+    fake.route(f"/jobs/{JOB}", json_reply({"job": JOB, "kind": "predict", "project": 1,
+                                           "status": "failed", "error": error}))  # fmt: skip
+    job = script.JobWatch(script.Backend(fake.url, fake.url, ("u", "p")), JOB)
+    with pytest.raises(script.Fatal) as raised:
+        script.wait_for_predictions(*one_of_three, COARSE, timeout_s=600, progress=False, job=job)
+    assert str(raised.value).startswith(f"pre-annotation failed: the backend's job {JOB} failed: "
+                                        f"{error}; see the backend's")  # fmt: skip
+    (asked,) = fake.seen(f"/jobs/{JOB}")
+    assert asked.authorization == "Basic " + base64.b64encode(b"u:p").decode()
+    assert fake.seen("/api/projects/1/model-versions") == []  # the job is asked first
+
+
+def test_a_job_that_finished_with_tasks_left_unpredicted_ends_the_wait(script, fake, one_of_three):
+    fake.route(f"/jobs/{JOB}", json_reply({"job": JOB, "kind": "predict", "project": 1,
+                                           "status": "finished", "result": {}}))  # fmt: skip
+    job = script.JobWatch(script.Backend(fake.url, fake.url), JOB)
+    with pytest.raises(script.Fatal, match=rf"job {JOB} finished, but 1 of 3 tasks have a "):
+        script.wait_for_predictions(*one_of_three, COARSE, timeout_s=600, progress=False, job=job)
+
+
+def test_a_job_the_backend_does_not_know_leaves_label_studio_to_watch(script, fake, one_of_three,
+                                                                      caplog):  # fmt: skip
+    fake.route(f"/jobs/{JOB}", json_reply({"error": "no job in this process", "status": 404}, 404))
+    job = script.JobWatch(script.Backend(fake.url, fake.url), JOB)
+    with pytest.raises(script.Fatal, match="timed out after 1 s: 1 of 3 tasks"):
+        script.wait_for_predictions(*one_of_three, COARSE, timeout_s=1.2, progress=False, job=job)
+    assert len(fake.seen(f"/jobs/{JOB}")) > 1  # asked again: another process may know it
+    assert caplog.text.count(f"the backend does not know job {JOB} (no job in this process)") == 1
+
+
+def test_a_retrying_job_is_said_once_and_waited_for(script, fake, one_of_three, caplog):
+    body = {"job": JOB, "kind": "predict", "project": 1, "status": "started",
+            "chunks": {"total": 4, "queued": 1, "started": 0, "finished": 2, "failed": 0,
+                       "retrying": 1},
+            "last_error": "predict-p1-rq-0123abcd-c003 (retried, 3 retries left): 5 of 100 "
+                          "tasks got no prediction"}  # fmt: skip
+    fake.route(f"/jobs/{JOB}", json_reply(body))
+    job = script.JobWatch(script.Backend(fake.url, fake.url), JOB)
+    with pytest.raises(script.Fatal, match="timed out after 1 s"):
+        script.wait_for_predictions(*one_of_three, COARSE, timeout_s=1.2, progress=False, job=job)
+    assert len(fake.seen(f"/jobs/{JOB}")) > 1
+    assert (
+        caplog.text.count("the backend retries part of the job: predict-p1-rq-0123abcd-c003") == 1
+    )
+    assert script._job_postfix(body) == "job started, chunks 2/4 done, 1 retrying"
 
 
 def test_a_personal_access_token_is_refreshed_when_its_access_token_expires(script, fake):

@@ -295,8 +295,13 @@ def test_server_serves_the_promoted_regressor_and_falls_back_to_coarse(trained, 
     versions = client.get("/versions").get_json()["versions"]
     assert versions[0] == summary["model_version"]
 
-    # a promotion to a version that cannot be used: the coarse detector answers instead
+    # a promotion to a version that cannot be used: the last good promoted version answers
     (model_dir / "serving.json").write_text(json.dumps({"version": "v-gone"}))
+    (fallback,) = client.post("/predict", json=body).get_json()["results"]
+    assert fallback["model_version"] == summary["model_version"]
+    # with no good version promoted before it, the coarse detector answers
+    (model_dir / "decisions.jsonl").unlink()
+    (model_dir / "serving.json").write_text(json.dumps({"version": "v-gone-too"}))
     (fallback,) = client.post("/predict", json=body).get_json()["results"]
     assert fallback["model_version"].startswith("coarse-")
     assert fallback["result"]
@@ -342,3 +347,31 @@ def test_compare_heads_trains_both_heads_on_the_same_split(faces):
     for head in ("heatmap", "dense"):
         assert set(report[head]) >= {"e05", "e10", "e25", "weights"}
     assert report["heatmap"]["weights"] != report["dense"]["weights"]
+
+
+def test_a_server_started_with_a_promoted_regressor_answers_predictions(trained, tmp_path):
+    """The real server under gunicorn, started with a regressor already promoted: the master
+    must not load it (TensorFlow before fork left every worker hanging on /predict)."""
+    import requests
+    from server_process import free_port, running_server
+
+    store_dir, summary = trained
+    model_dir = tmp_path / "models"
+    shutil.copytree(store_dir, model_dir)
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MODEL_DIR": str(model_dir),
+        "LOCAL_FILES_DOCUMENT_ROOT": str(REPO / "tests" / "data"),
+    }
+    log_path = tmp_path / "server.log"
+    body = {"tasks": [{"id": 7, "data": {"image": "/data/local-files/?d=astronaut.png"}}]}
+    with running_server(env, log_path):
+        response = requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=90)
+        (served,) = response.json()["results"]
+    assert served["model_version"] == summary["model_version"]
+    assert len(served["result"]) >= 2
+    ready = [line for line in log_path.read_text().splitlines() if "ready: serving" in line]
+    assert ready and f"model_version={summary['model_version']}" in ready[0]

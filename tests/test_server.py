@@ -195,6 +195,7 @@ def test_versions_lists_the_model_version(client):
         "serving": "coarse-fused-0.1.0",
         "details": [],
         "training": [],
+        "problems": [],
     }
 
 
@@ -851,3 +852,112 @@ def test_the_faces_config_gets_a_rectangle_per_face_with_its_points(client):
     assert all(
         r["parentID"] == face_box["id"] for r in result["result"] if r["type"] == "keypointlabels"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input found by tests/test_api_fuzz.py (issue 8): each was a 500, an answer that was
+# not JSON, or a value that reached the label store or the log as it came.
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"tasks": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper than 100 levels"),
+        (b'{"tasks": [' + b"[" * 150 + b"]" * 150 + b"]}", "nested deeper than 100 levels"),
+        (b'{"tasks": [], "x": ' + b"7" * 5000 + b"}", "unreadable JSON"),
+    ],
+    ids=["past-the-recursion-limit", "deeper-than-100", "5000-digit-integer"],
+)
+@pytest.mark.parametrize("path", ["/predict", "/webhook", "/setup", "/jobs/predict"])
+def test_json_too_deep_or_with_a_huge_integer_is_a_400(client, path, body, message):
+    response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == 400 and response.is_json
+    assert message in response.get_json()["error"]
+
+
+def test_a_deep_annotation_that_parses_is_refused_before_the_label_store(client):
+    """json.loads reads ~990 levels, but writing them back out (the label store) recursed past
+    Python's limit: a 500 after the event was half handled."""
+    nested = "[" * 900 + "]" * 900
+    body = '{"action": "ANNOTATION_CREATED", "project": 3, "annotation": {"id": 1, "task": 2, '
+    body += f'"result": {nested}}}}}'
+    response = client.post("/webhook", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert "nested deeper" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/setup", "/predict"])
+def test_a_project_past_the_integer_digit_limit_serves_the_global_model(client, path):
+    body = {"schema": CONFIG, "tasks": [], "project": "1" * 5000}
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize(
+    "project", ["9223372036854775808", "1" * 5000, "abc", "-3", "²"], ids=str.__len__
+)
+def test_versions_for_something_that_is_no_project_id_is_a_400(client, project):
+    client.post("/webhook", json={"action": "START_TRAINING", "project": 3})  # a label store
+    response = client.get("/versions", query_string={"project": project})
+    assert response.status_code == 400
+    assert "'project' must be a Label Studio project id" in response.get_json()["error"]
+    for fine in ("3", "3.1746612998", "9223372036854775807", ""):
+        assert client.get("/versions", query_string={"project": fine}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "project", ["²", "١٢", 2**63, "9223372036854775808", "0" * 30 + "1" * 20, 0, 1.5, True]
+)
+def test_jobs_predict_refuses_what_is_no_64_bit_project_id(tmp_path, project):
+    settings = Settings(
+        model_dir=tmp_path, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"
+    )
+    response = create_app(settings).test_client().post("/jobs/predict", json={"project": project})
+    assert response.status_code == 400
+    assert "'project' must be a Label Studio project id" in response.get_json()["error"]
+
+
+def test_options_is_a_json_405_and_there_is_no_static_route(client):
+    response = client.options("/predict")
+    assert response.status_code == 405 and response.is_json
+    assert response.headers["Allow"] == "POST"
+    assert "error" in response.get_json()
+    response = client.get("/static/anything")
+    assert response.status_code == 404 and response.is_json
+
+
+def test_what_clients_send_reaches_the_log_on_one_line(client, caplog):
+    forged = "x\n2026-01-01 00:00:00 INFO backend.access method=GET path=/forged status=200"
+    with caplog.at_level(logging.INFO, logger="backend"):
+        client.post("/setup", json={"schema": CONFIG, "project": forged, "hostname": forged})
+        client.post("/setup", json={"schema": "<View", "project": forged})
+        client.post("/webhook", json={"action": forged, "project": 3})
+        client.post("/predict", json={"tasks": [{"id": forged}, {"id": [[1] * 1000]}]})
+        client.get("/no/such/" + "%0A" + "path=/forged")
+    assert caplog.text.count("\n") == len(caplog.records)  # one line per record
+    assert not any(line.startswith("2026-01-01") for line in caplog.text.splitlines())
+    assert "path=/no/such/\\npath=/forged status=404" in caplog.text  # escaped, kept
+    assert "task=<list> outcome=failed" in caplog.text
+
+
+def test_a_label_config_past_two_million_characters_is_a_400(client):
+    """Parsed configs are cached (64 of them): a client must not be able to pin gigabytes."""
+    huge = CONFIG.replace('value="$image"', 'value="$image" title="' + "x" * 2_000_000 + '"')
+    for path, body in (
+        ("/setup", {"schema": huge}),
+        ("/predict", {"tasks": [], "label_config": huge}),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 400
+        assert "at most 2,000,000 are read" in response.get_json()["error"]
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    """glibc's per-thread arenas kept the high-water mark of concurrent photo decodes (memory
+    grew 12 MB/min in the soak); the server caps them, and an explicit MALLOC_ARENA_MAX wins."""
+    from backend.server import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas() is True  # glibc: mallopt accepted the cap
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # glibc read the variable at start-up

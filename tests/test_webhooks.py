@@ -391,3 +391,20 @@ def test_an_odd_region_field_does_not_fail_a_stored_event(store):
 )  # fmt: skip
 def test_outcome_json_shapes(outcome, expected):
     assert outcome.to_json() == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("original_width", 1e308), ("original_width", True), ("x", True), ("x", 10**400)],
+    ids=["pixels-past-float", "bool-width", "bool-x", "huge-int-x"],
+)
+def test_a_keypoint_whose_pixels_are_not_finite_numbers_is_no_label(store, field, value):
+    """Found by tests/test_api_fuzz.py: 60 % of a 1e308 px wide image is inf pixels, which
+    became a training label; True counted as a 1 px width."""
+    odd = annotation()
+    for point in odd["result"]:
+        (point["value"] if field == "x" else point)[field] = value
+    label = parse_annotation(odd)
+    assert label.kind != "points" and label.pairs == ()
+    body = event(ANNOTATION_CREATED, annotation=odd, task=task(), project=PROJECT)
+    assert record_event(store, ANNOTATION_CREATED, body).stored == 1  # kept, teaches nothing

@@ -11,11 +11,14 @@
 - A wrong token: exit status 1 and one `error:` line.
 - A personal access token and a list of URLs (Label Studio's own upload URLs, which the backend
   downloads with its key), pre-annotated too.
+- A backend that cannot reach Label Studio: its predict job fails, and the script stops waiting
+  at once with exit status 1 and the job's error (not after --timeout).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 import re
@@ -224,3 +227,38 @@ def test_a_personal_access_token_and_a_list_of_urls(
         hashlib.sha256(u.encode()).hexdigest() for u in urls
     }
     check_predicted(api, pid, tasks)
+
+
+def e2e_conftest(config: pytest.Config):
+    """tests/e2e/conftest.py as pytest loaded it: its running_backend takes any Label Studio
+    address, which the start_backend fixture does not."""
+    path = str(Path(__file__).with_name("conftest.py"))
+    return next(p for p in config.pluginmanager.get_plugins() if getattr(p, "__file__", "") == path)
+
+
+def test_a_failed_predict_job_ends_the_wait_at_once_with_its_error(
+    label_studio, faces, e2e_dir, pytestconfig
+):
+    e2e = e2e_conftest(pytestconfig)
+    nowhere = dataclasses.replace(label_studio, url=f"http://127.0.0.1:{e2e.free_port()}")
+    with e2e.running_backend(e2e_dir, nowhere, "import-lost-backend") as backend:
+        user, password = backend.auth
+        started = time.monotonic()
+        code, out, err = run_script(
+            "--url", label_studio.url, "--api-key", label_studio.token, "--project",
+            "Import e2e lost backend", "--images", str(faces), "--backend-url", backend.url,
+            "--backend-user", user, "--backend-password", password, "--preannotate",
+            "--timeout", "500", env={},
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+    assert code == 1 and "imported: 8" in out, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    job = re.search(r"pre-annotation queued: job (\S+),", out)
+    assert job, out
+    assert errors[0].startswith(
+        f"error: pre-annotation failed: the backend's job {job.group(1)} failed: GET "
+        f"{nowhere.url}/api/projects/"
+    ), errors[0]
+    assert "no answer from Label Studio (ConnectionError" in errors[0]
+    assert seconds < 200, f"the script waited {seconds:.0f} s: the failure did not end the wait"
