@@ -19,6 +19,11 @@ A predict job's chunks are counted (`open_chunks`, `chunk_ended`) so that the la
 to the new model version, so annotators never see a half-predicted version (tasks of the new
 version would have scores, the others none, and the queue order would be wrong meanwhile).
 
+Chunks of two predict jobs of the same project and version (two imports pre-annotating at
+once, with two workers) may hold the same tasks; a chunk predicts only the tasks it `claim`s
+while it works on them (first come; `release`d when its predictions are in Label Studio, where
+a later chunk sees them), so no task gets the same version's prediction twice.
+
 Retries: a job kind in RETRY_INTERVALS_S is run again after a failure, after each of those
 waits in turn, and fails for good when they are used up (RQ's `Retry`, which the worker's
 scheduler carries out; the thread queue uses timers). Only chunks are retried: they are
@@ -56,7 +61,7 @@ RETRY_INTERVALS_S: Mapping[str, tuple[int, ...]] = {CHUNK: (5, 30, 120, 300)}
 RESULT_TTL_S = 7 * 24 * 3600  # RQ keeps finished jobs (and their status) this long
 FAILURE_TTL_S = 30 * 24 * 3600  # and failed ones this long
 # What a finished predict job's result adds up from its chunks' (backend/repredict.py).
-CHUNK_COUNTS = ("predicted", "created", "failed_tasks", "skipped", "gone")
+CHUNK_COUNTS = ("predicted", "created", "failed_tasks", "skipped", "gone", "taken")
 MAX_SHOWN_ERROR = 500  # characters of an error kept for a status
 
 # Job statuses as GET /jobs/<id> reports them.
@@ -107,6 +112,10 @@ class JobQueue(Protocol):
     def open_chunks(self, parent: str, count: int, version: str, predicted: int) -> None: ...
     def chunk_ended(self, chunk_id: str, predicted: int) -> str | None: ...
     def is_last_attempt(self, job_id: str) -> bool: ...
+    def claim(
+        self, project: int, version: str, job_id: str, task_ids: Sequence[int]
+    ) -> set[int]: ...
+    def release(self, project: int, version: str, job_id: str, task_ids: Sequence[int]) -> None: ...
 
 
 def new_job_id(kind: str, project: int, owner: str) -> str:
@@ -350,6 +359,48 @@ class RedisQueue:
         job = get_current_job()
         return job is None or job.id != job_id or not job.retries_left
 
+    def claim(self, project: int, version: str, job_id: str, task_ids: Sequence[int]) -> set[int]:
+        """The tasks of `task_ids` that `job_id` may predict with `version` now: those no other
+        job holds. A claim outlives a job timeout only if never released (a killed worker)."""
+        from redis.exceptions import RedisError
+
+        keys = _claim_keys(project, version, task_ids)
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(key, job_id, nx=True, ex=self.job_timeout_s + 60)
+                for key in keys:
+                    pipe.get(key)
+                holders = pipe.execute()[len(keys) :]
+        except RedisError as e:
+            raise QueueUnavailable(f"Redis cannot record which job predicts what: {e}") from None
+        mine = job_id.encode()
+        return {task for task, holder in zip(task_ids, holders, strict=True) if holder == mine}
+
+    def release(self, project: int, version: str, job_id: str, task_ids: Sequence[int]) -> None:
+        """Give up `job_id`'s claims on `task_ids` (others' are left alone). With Redis away
+        they stay until they expire: the tasks wait for a later job, nothing is lost."""
+        from redis.exceptions import RedisError
+
+        keys = _claim_keys(project, version, task_ids)
+        try:
+            self.connection.register_script(_RELEASE)(keys=keys, args=[job_id])
+        except RedisError as e:
+            log.warning("job=%s project=%s outcome=claims_kept tasks=%d reason=%s", job_id,
+                        project, len(keys), one_line(e))  # fmt: skip
+
+
+# Delete each key that still holds ARGV[1] (the claimer's job id), atomically.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then redis.call('del', key) end
+end
+"""
+
+
+def _claim_keys(project: int, version: str, task_ids: Sequence[int]) -> list[str]:
+    return [f"{QUEUE_NAME}:claim:p{project}:{version}:{task}" for task in task_ids]
+
 
 def _tally_key(parent: str) -> str:
     return f"{QUEUE_NAME}:chunks:{parent}"
@@ -495,6 +546,14 @@ class ThreadQueue:
         with self._lock:
             record = self._records.get(job_id)
             return record is None or record.retries_left <= 0
+
+    def claim(self, project: int, version: str, job_id: str, task_ids: Sequence[int]) -> set[int]:
+        """All of them: this queue runs one job at a time, so no other job of this process is
+        predicting now (other server processes' queues are not seen: set REDIS_URL)."""
+        return set(task_ids)
+
+    def release(self, project: int, version: str, job_id: str, task_ids: Sequence[int]) -> None:
+        return None
 
     def _report(self, job_id: str) -> JobReport | None:
         record = self._records.get(job_id)

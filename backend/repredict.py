@@ -134,7 +134,7 @@ def run_chunk(
     """One "predict_chunk" job: predict_chunk, then count the chunk as ended when it is done or
     failed for good; the last of its predict job switches the project's model version."""
     try:
-        result = predict_chunk(settings, project, task_ids, job_id)
+        result = predict_chunk(settings, project, task_ids, job_id, queue)
     except Exception as e:
         if queue.is_last_attempt(job_id):
             done = e.result if isinstance(e, TasksNotPredicted) else {}
@@ -178,11 +178,16 @@ def switch_version(settings: Settings, project: int, version: str, job_id: str =
 
 
 def predict_chunk(
-    settings: Settings, project: int, task_ids: Sequence[int], job_id: str = "-"
+    settings: Settings,
+    project: int,
+    task_ids: Sequence[int],
+    job_id: str = "-",
+    queue: JobQueue | None = None,
 ) -> dict:
     """Predict those of `task_ids` that have no prediction of the serving version yet and push
     the predictions; TasksNotPredicted (after pushing the rest) when some images could not be
-    had for a RETRYABLE reason. Deleted tasks are left out."""
+    had for a RETRYABLE reason. Deleted tasks are left out, and so are tasks another job of the
+    `queue` is predicting with the version ("taken")."""
     client = LabelStudioClient.from_settings(settings)
     if client is None:
         raise RuntimeError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not set for the job "
@@ -195,25 +200,37 @@ def predict_chunk(
     wanted = set(task_ids)
     tasks = [t for t in client.tasks(project, ids=task_ids) if t.get("id") in wanted]
     todo = [t for t in tasks if not _has_prediction(t, version)]
-    pushed = []
-    for task, prediction in zip(todo, model.predict(todo), strict=True):
-        if task["id"] not in source.failures:
-            pushed.append({"task": task["id"], **prediction})
-    created = client.import_predictions(project, pushed, batch_size=IMPORT_BATCH) if pushed else 0
     skipped = len(tasks) - len(todo)
+    mine = [t["id"] for t in todo]
+    if queue is not None and mine:
+        claimed = queue.claim(project, version, job_id, mine)
+        todo, mine = [t for t in todo if t["id"] in claimed], sorted(claimed)
+    taken = len(tasks) - skipped - len(todo)
+    try:
+        pushed = []
+        for task, prediction in zip(todo, model.predict(todo), strict=True):
+            if task["id"] not in source.failures:
+                pushed.append({"task": task["id"], **prediction})
+        created = (
+            client.import_predictions(project, pushed, batch_size=IMPORT_BATCH) if pushed else 0
+        )
+    finally:
+        if queue is not None and mine:  # pushed (Label Studio shows them) or failed: free them
+            queue.release(project, version, job_id, mine)
     result = {
         "outcome": "done", "version": version, "tasks": len(task_ids), "predicted": len(pushed),
         "created": created, "failed_tasks": sum(1 for p in pushed if not p.get("result")),
-        "skipped": skipped, "gone": len(wanted) - len(tasks),
+        "skipped": skipped, "gone": len(wanted) - len(tasks), "taken": taken,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     for task_id, error in source.failures.items():
         log.warning("project=%s job=%s task=%s outcome=deferred reason=%s detail=%s", project,
                     job_id, task_id, error.reason, " ".join(str(error).split()))  # fmt: skip
     log.info("project=%s job=%s outcome=%s version=%s tasks=%d predicted=%d created=%d "
-             "deferred=%d skipped=%d gone=%d seconds=%.1f", project, job_id,
+             "deferred=%d skipped=%d gone=%d taken=%d seconds=%.1f", project, job_id,
              "partial" if source.failures else "done", version, len(task_ids), len(pushed),
-             created, len(source.failures), skipped, result["gone"], result["seconds"])  # fmt: skip
+             created, len(source.failures), skipped, result["gone"], taken,
+             result["seconds"])  # fmt: skip
     if source.failures:
         message = _not_predicted(source.failures, len(task_ids), len(pushed))
         raise TasksNotPredicted(message, result)

@@ -228,7 +228,7 @@ def test_a_predict_job_is_finished_when_all_its_chunks_are(tmp_path):
     assert done["result"] == {"outcome": "queued", "version": "v1", "tasks": 6,
                               "chunks": [chunk_job_id(job_id, n) for n in (1, 2, 3)],
                               "predicted": 6, "created": 6, "failed_tasks": 0, "skipped": 0,
-                              "gone": 0}  # fmt: skip
+                              "gone": 0, "taken": 0}  # fmt: skip
 
 
 def test_a_predict_job_fails_as_soon_as_one_chunk_failed_for_good(tmp_path):
@@ -436,6 +436,57 @@ def test_of_chunks_ending_together_exactly_one_is_the_last(tmp_path, kind, reque
         thread.join()
     assert sorted(lasts) == sorted(parents)
     assert queue.chunk_ended(chunk_job_id(parents[0], 9), 1) is None  # past the last: nothing
+
+
+def test_a_task_claimed_by_one_job_is_not_predicted_by_another_until_released(redis_server):
+    queue = jobs.RedisQueue(redis_server.url, 60)
+    a, b = new_job_id(PREDICT, 5, "rq") + "-c001", new_job_id(PREDICT, 5, "rq") + "-c001"
+    assert queue.claim(5, "v1", a, [1, 2, 3]) == {1, 2, 3}
+    assert queue.claim(5, "v1", b, [2, 3, 4]) == {4}
+    assert queue.claim(5, "v2", b, [2, 3]) == {2, 3}  # another version: another prediction
+    assert queue.claim(6, "v1", b, [1]) == {1}  # another project
+    assert queue.claim(5, "v1", a, [1]) == {1}  # its own retry keeps them
+    queue.release(5, "v1", b, [2, 3])  # not b's: left alone
+    assert queue.claim(5, "v1", b, [2]) == set()
+    assert 0 < queue.connection.ttl(f"{jobs.QUEUE_NAME}:claim:p5:v1:2") <= 60 + 60
+    queue.release(5, "v1", a, [1, 2, 3])
+    assert queue.claim(5, "v1", b, [1, 2, 3]) == {1, 2, 3}
+
+
+def test_two_predict_jobs_at_once_give_each_task_one_prediction(tmp_path, studio, redis_server):
+    """Two imports pre-annotating the same project at the same moment, two workers: their
+    chunks read the same tasks before either pushed; without claims every task got two."""
+    entered = threading.Barrier(2, timeout=30)
+    listings = []
+
+    def list_both_first(seen: Seen) -> Reply:
+        listings.append(seen.path)
+        if len(listings) <= 2:
+            entered.wait()  # both chunks have read their tasks before either predicts
+        return studio.list_tasks(seen)
+
+    studio.fake.route("/api/tasks", list_both_first)
+    queue = jobs.RedisQueue(redis_server.url, 60)
+    settings = settings_for(tmp_path, studio.fake.url, redis_url=redis_server.url)
+    results: dict[str, dict] = {}
+
+    def chunk(job_id: str) -> None:
+        results[job_id] = jobs.run_job(CHUNK, 5, job_id, settings, tasks=[1, 2, 3], queue=queue)
+
+    ids = [chunk_job_id(new_job_id(PREDICT, 5, "rq"), 1) for _ in range(2)]
+    threads = [threading.Thread(target=chunk, args=(job_id,)) for job_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert studio.predicted() == {1: 1, 2: 1, 3: 1, 4: 1}
+    first, second = (results[job_id] for job_id in ids)
+    assert first["predicted"] + second["predicted"] == 3
+    assert first["taken"] + second["taken"] == 3 and len(studio.imported) == 3
+    # Claims were released: a third job later sees the predictions in Label Studio and skips.
+    third = jobs.run_job(CHUNK, 5, chunk_job_id(new_job_id(PREDICT, 5, "rq"), 1), settings,
+                         tasks=[1, 2, 3], queue=queue)  # fmt: skip
+    assert (third["skipped"], third["taken"], third["predicted"]) == (3, 0, 0)
 
 
 def test_on_rq_the_last_attempt_is_known(redis_server):
