@@ -1,11 +1,14 @@
-"""Shared fixtures: the committed astronaut photo and the dlib-backed detectors (loaded once)."""
+"""Shared fixtures: the committed astronaut photo, the dlib-backed detectors (loaded once) and
+a real redis-server of the test's own (tests/redis_server.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from redis_server import RedisServer
 
 from backend.coarse import CoarseDetector
 from backend.faces import FaceDetector
@@ -56,3 +59,12 @@ def face_detector() -> FaceDetector:
 def coarse_detector(face_detector: FaceDetector) -> CoarseDetector:
     """The default coarse pipeline, sharing the session's face detector."""
     return CoarseDetector(face_detector=face_detector)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server on a free port, with its data in `tmp_path`, stopped after the test."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

@@ -38,7 +38,6 @@ from test_training_loop import (
     PROJECT,
     loop_env,
     predict_body,
-    redis_server,  # noqa: F401 (fixture)
     send_events,
     worker,
 )

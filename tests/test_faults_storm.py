@@ -29,7 +29,6 @@ from polling import wait_for
 from redis import Redis
 from rq import Queue
 from server_process import free_port, running_server
-from test_training_loop import redis_server  # noqa: F401 (fixture)
 from test_webhooks import CONFIG, annotation, task
 
 from backend.jobs import QUEUE_NAME, TRAIN

@@ -499,16 +499,6 @@ def test_a_queued_predict_job_runs_in_process_with_the_coarse_detector(tmp_path,
     assert all(s.authorization == "Token k" for s in fake.requests)
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    from redis_server import RedisServer
-
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_a_predict_job_goes_to_rq_and_a_worker_runs_it(tmp_path, ls_fake, redis_server,
                                                        monkeypatch):  # fmt: skip
     from redis import Redis

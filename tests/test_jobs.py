@@ -583,13 +583,3 @@ def test_on_rq_a_failing_chunk_is_scheduled_again_and_a_job_without_retries_fail
         unknown.status_code == 404
         and "RQ keeps finished jobs 7 days" in unknown.get_json()["error"]
     )
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    from redis_server import RedisServer
-
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()

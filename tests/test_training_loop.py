@@ -172,14 +172,6 @@ def burst_of_200(settings: Settings, rows: list[dict]) -> None:
 # RQ on a real Redis
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 def loop_env(tmp_path: Path, root: Path, redis_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAIN_", "REDIS_"))}
     return {
