@@ -268,6 +268,7 @@ class RedisQueue:
         )
         self.queue = Queue(QUEUE_NAME, connection=self.connection)
         self.job_timeout_s = job_timeout_s
+        self._release = self.connection.register_script(_RELEASE)
 
     def enqueue(self, kind: str, project: int, job_id: str, tasks: Sequence[int] = ()) -> None:
         from redis.exceptions import RedisError
@@ -384,7 +385,7 @@ class RedisQueue:
 
         keys = _claim_keys(project, version, task_ids)
         try:
-            self.connection.register_script(_RELEASE)(keys=keys, args=[job_id])
+            self._release(keys=keys, args=[job_id])
         except RedisError as e:
             log.warning("job=%s project=%s outcome=claims_kept tasks=%d reason=%s", job_id,
                         project, len(keys), one_line(e))  # fmt: skip
